@@ -1,0 +1,41 @@
+# Two entry points on a fresh machine: `make run` (the default job) and `make test`.
+# Each creates the project's own virtual environment in .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -c constraints.txt
+
+.PHONY: install install-test run test lint format bench clean
+
+$(VENV)/.run-installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+install: $(VENV)/.run-installed
+install-test: $(VENV)/.test-installed
+
+run: install
+	$(PY) -m stad
+
+lint: install-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install-test
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(PY) benchmarks/metrics_speed.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

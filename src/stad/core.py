@@ -1,0 +1,297 @@
+"""The student-teacher contract (Teacher, Student, Scorer, Stage, Method) and the one
+LightningModule that trains any Method stage by stage and evaluates it.
+
+A method file only declares its parts; it never writes a training loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+from stad.errors import StadError, TrainingError
+
+Batch = dict[str, Any]
+Features = list[Tensor]
+LossFn = Callable[["Method", Batch], dict[str, Tensor]]
+
+
+class Teacher(nn.Module):
+    """Gives the regression targets of a batch (usually a list of feature maps)."""
+
+    def forward(self, batch: Batch) -> Features:
+        raise NotImplementedError
+
+
+class Student(nn.Module):
+    """Predicts the teacher's targets, from the image or from the teacher's own features."""
+
+    def forward(self, batch: Batch, targets: Features) -> Features:
+        raise NotImplementedError
+
+
+class Scorer(nn.Module):
+    """Turns targets and predictions into anomaly maps at input resolution and image scores."""
+
+    def forward(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Returns maps B×1×H×W (H, W of ``batch["image"]``) and scores (B,)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Stage:
+    """One training stage: which sub-modules train, on which loss, with which optimizer, how long.
+
+    Attributes:
+        name: short name, used in logs and in the run record.
+        epochs: the method's (paper) number of epochs; a trainer preset may cap it.
+        trainable: attribute paths of the Method whose parameters train (e.g. ``["student"]``);
+            every other parameter is frozen and every other module stays in eval mode.
+        loss: ``loss(method, batch) -> {"loss": scalar, ...}``; extra entries are logged.
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
+        scheduler: optional ``scheduler(optimizer) -> LRScheduler``, stepped once per epoch.
+        selection: ``"last"`` keeps the final weights; ``"min_val_loss"`` keeps the weights with
+            the lowest ``val_loss`` on normal images held out of the training set (never the
+            test set).
+        val_loss: the selection criterion on held-out normal images (default: ``loss``).
+    """
+
+    name: str
+    epochs: int
+    trainable: Sequence[str]
+    loss: LossFn
+    optimizer: Callable[..., torch.optim.Optimizer]
+    scheduler: Callable[..., Any] | None = None
+    selection: str = "last"
+    val_loss: LossFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("last", "min_val_loss"):
+            raise StadError(
+                f"stage {self.name}: selection must be 'last' or 'min_val_loss', "
+                f"got {self.selection!r}"
+            )
+
+    @classmethod
+    def from_config(
+        cls, name: str, cfg: Any, trainable: Sequence[str], loss: LossFn, **kwargs: Any
+    ) -> Stage:
+        """A stage from its yaml block: ``epochs``, ``optimizer`` (a ``_partial_`` target),
+        optional ``scheduler`` (a ``_partial_`` target) and ``selection``."""
+        scheduler = cfg.get("scheduler")
+        return cls(
+            name=name,
+            epochs=int(cfg.epochs),
+            trainable=list(trainable),
+            loss=loss,
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(scheduler) if scheduler is not None else None,
+            selection=str(cfg.get("selection", "last")),
+            **kwargs,
+        )
+
+
+class Method(nn.Module):
+    """A student-teacher method: teacher + student + scorer + ordered training stages."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        scorer: nn.Module,
+        stages: Sequence[Stage],
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.scorer = scorer
+        self.stages = list(stages)
+        # Facts the run record reports (loaded weights, loss variants, score reduction ...).
+        self.info: dict[str, Any] = dict(info or {})
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Anomaly maps (B×1×H×W) and image scores (B,) of a batch."""
+        targets = self.teacher(batch)
+        preds = self.student(batch, targets)
+        return self.scorer(targets, preds, batch)
+
+    def submodule(self, path: str) -> nn.Module:
+        """The sub-module at a dotted attribute path such as ``student`` or ``teacher.raa``."""
+        return self.get_submodule(path)
+
+
+def _trainable_modules(method: Method, stage: Stage) -> list[nn.Module]:
+    return [method.submodule(p) for p in stage.trainable]
+
+
+def stage_parameters(method: Method, stage: Stage) -> Iterator[nn.Parameter]:
+    """The parameters a stage optimises (each once)."""
+    seen: set[int] = set()
+    for module in _trainable_modules(method, stage):
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+class StageModule(L.LightningModule):
+    """Runs one Stage of a Method under Lightning (fit), or evaluates the Method (test).
+
+    Only the stage's sub-modules train; all other modules stay in eval mode so frozen teachers
+    never update BatchNorm statistics.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        stage: Stage | None = None,
+        metrics: dict[str, Any] | None = None,
+        keep_examples: int = 0,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.stage = stage
+        self.metrics = nn.ModuleDict(metrics or {})
+        self.keep_examples = keep_examples
+        self.examples: list[dict[str, Any]] = []
+        self.inference_seconds = 0.0
+        self.inference_images = 0
+        self.best_val_loss = math.inf
+        self._best_state: dict[str, Tensor] | None = None
+        if stage is not None:
+            self._freeze_all_but_stage(stage)
+
+    # -- modes and parameters -------------------------------------------------------------
+    def _freeze_all_but_stage(self, stage: Stage) -> None:
+        self.method.requires_grad_(False)
+        for module in _trainable_modules(self.method, stage):
+            module.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> StageModule:
+        """Train mode reaches only the stage's trainable sub-modules."""
+        super().train(False)
+        if mode and self.stage is not None:
+            self.training = True
+            for module in _trainable_modules(self.method, self.stage):
+                module.train(True)
+        return self
+
+    def configure_optimizers(self) -> Any:
+        assert self.stage is not None, "configure_optimizers needs a stage"
+        optimizer = self.stage.optimizer(list(stage_parameters(self.method, self.stage)))
+        if self.stage.scheduler is None:
+            return optimizer
+        scheduler = self.stage.scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    # -- training --------------------------------------------------------------------------
+    def _stage_loss(self, batch: Batch, validation: bool = False) -> dict[str, Tensor]:
+        assert self.stage is not None
+        fn = self.stage.val_loss if validation and self.stage.val_loss else self.stage.loss
+        losses = fn(self.method, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss).all():
+            raise TrainingError(
+                f"the loss of stage '{self.stage.name}' became {loss.item()} at epoch "
+                f"{self.current_epoch}, step {self.global_step}: training diverged. Fix: lower the "
+                f"learning rate (method.stages.{self.stage.name}.optimizer.lr) or train in "
+                "full precision (trainer.precision=32-true)."
+            )
+        return losses
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self._stage_loss(batch)
+        bs = batch["image"].shape[0]
+        for key, value in losses.items():
+            name = "train/loss" if key == "loss" else f"train/{key}"
+            self.log(name, value.detach(), prog_bar=key == "loss", batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        losses = self._stage_loss(batch, validation=True)
+        self.log("val/loss", losses["loss"], prog_bar=True, batch_size=batch["image"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if (
+            self.stage is None
+            or self.stage.selection != "min_val_loss"
+            or self.trainer.sanity_checking
+        ):
+            return
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is not None and float(val_loss) < self.best_val_loss:
+            self.best_val_loss = float(val_loss)
+            self._best_state = {k: v.detach().clone() for k, v in self._stage_state().items()}
+
+    def _stage_state(self) -> dict[str, Tensor]:
+        """Parameters and buffers (e.g. BatchNorm statistics) of the stage's trainable modules."""
+        assert self.stage is not None
+        state: dict[str, Tensor] = {}
+        for path in self.stage.trainable:
+            for k, v in self.method.submodule(path).state_dict().items():
+                state[f"{path}.{k}"] = v
+        return state
+
+    def restore_selected(self) -> None:
+        """Load the weights chosen by the stage's selection rule (no-op for ``last``)."""
+        if self._best_state is None:
+            return
+        self.method.load_state_dict(self._best_state, strict=False)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        image = batch["image"]
+        _synchronize(image.device)
+        start = time.perf_counter()
+        maps, scores = self.method(batch)
+        _synchronize(image.device)
+        self.inference_seconds += time.perf_counter() - start
+        self.inference_images += image.shape[0]
+        if maps.shape[-2:] != image.shape[-2:] or maps.shape[:2] != (image.shape[0], 1):
+            raise RuntimeError(
+                f"scorer returned maps of shape {tuple(maps.shape)} for images of shape "
+                f"{tuple(image.shape)}; the contract is B×1×H×W at input resolution"
+            )
+        maps, scores = maps.float(), scores.float()
+        for name, metric in self.metrics.items():
+            if name.startswith("image_"):
+                metric.update(scores, batch["label"])
+            else:
+                metric.update(maps, batch["mask"])
+        self._keep_examples(batch, maps, scores)
+
+    def _keep_examples(self, batch: Batch, maps: Tensor, scores: Tensor) -> None:
+        """Keep up to half the examples from anomalous and half from normal images."""
+        for i in range(maps.shape[0]):
+            label = int(batch["label"][i])
+            quota = (self.keep_examples + label) // 2
+            if sum(e["label"] == label for e in self.examples) >= quota:
+                continue
+            self.examples.append(
+                {
+                    "image": batch["image"][i].detach().cpu(),
+                    "mask": batch["mask"][i].detach().cpu(),
+                    "map": maps[i].detach().cpu(),
+                    "score": float(scores[i]),
+                    "label": label,
+                    "path": str(batch["path"][i]),
+                }
+            )
+
+
+def _synchronize(device: torch.device) -> None:
+    # Timings on an accelerator must wait for its queued work.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

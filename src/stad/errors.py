@@ -1,0 +1,20 @@
+"""Errors a user can cause, each carrying one message that names the cause and the fix."""
+
+
+class StadError(Exception):
+    """A user-facing error: bad input, missing data or weights, an impossible configuration.
+
+    The command-line entry point prints its message (no traceback) and exits non-zero.
+    """
+
+
+class DatasetError(StadError):
+    """The dataset is missing, malformed or unreadable."""
+
+
+class WeightsError(StadError):
+    """Requested pretrained weights cannot be found or do not fit the backbone."""
+
+
+class TrainingError(StadError):
+    """Training diverged (NaN/inf loss) or cannot proceed."""

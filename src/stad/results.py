@@ -1,0 +1,126 @@
+"""The per-run record: one JSON file per run, its schema, atomic writing and reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from stad.errors import StadError
+
+RECORD_NAME = "record.json"
+SCHEMA_VERSION = 1
+
+# Every record has these top-level keys; leaderboard columns are derived from them.
+RECORD_KEYS = (
+    "schema",
+    "dataset",
+    "category",
+    "method",
+    "backbone",
+    "weights",
+    "seed",
+    "image_size",
+    "metrics",
+    "train_seconds",
+    "inference_ms_per_image",
+    "peak_memory_mb",
+    "device",
+    "versions",
+    "git_revision",
+    "config",
+    "method_info",
+    "data",
+    "created",
+)
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON so that readers see either nothing or the complete file, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_record(run_dir: Path, record: Mapping[str, Any]) -> Path:
+    """Write ``record.json`` into a run directory; refuses to replace another run's record."""
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"record lacks keys {missing}")
+    path = Path(run_dir) / RECORD_NAME
+    if path.exists():
+        raise StadError(
+            f"{path} already exists: another run wrote there. Fix: choose a new "
+            "hydra.run.dir (the default includes a timestamp)."
+        )
+    write_json_atomic(path, record)
+    return path
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """Read one record; a truncated or foreign file raises StadError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StadError(f"cannot read run record {path}: {err}") from err
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+        raise StadError(f"{path} is not a stad run record (schema {SCHEMA_VERSION})")
+    return data
+
+
+def git_revision(start: Path | None = None) -> str | None:
+    """The git commit of the stad source tree (suffixed '-dirty' with local changes), if any."""
+    cwd = start or Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that can move the numbers."""
+    import importlib.metadata as md
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("stad", "torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return versions

@@ -1,0 +1,225 @@
+"""One run: build the data and the method, train every stage, test, write the record."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from stad.core import Method, Stage, StageModule
+from stad.data import build_dataset
+from stad.data.datamodule import AnomalyDataModule
+from stad.errors import StadError
+from stad.methods import build_method
+from stad.metrics import PRO, ImageAUROC, PixelAUROC
+from stad.results import RECORD_NAME, SCHEMA_VERSION, git_revision, package_versions, write_record
+from stad.viz import save_overlays
+
+log = logging.getLogger("stad")
+
+
+@dataclass
+class StageReport:
+    """What training one stage cost and how its weights were chosen."""
+
+    name: str
+    seconds: float
+    epochs: int
+    steps: int
+    selection: str
+    best_val_loss: float | None
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and evaluate the configured method; returns the record written to ``run_dir``."""
+    if (run_dir / RECORD_NAME).exists():
+        raise StadError(f"{run_dir} already holds a run record; choose a new hydra.run.dir")
+    _setup_torch(cfg)
+    image_size = int(cfg.image_size)
+    splits = build_dataset(cfg.dataset, image_size)
+    method = build_method(cfg.method, cfg.backbone)
+    _note_backbone_choice(cfg)
+    needs_val = any(s.selection == "min_val_loss" for s in method.stages)
+    datamodule = AnomalyDataModule(
+        splits,
+        batch_size=int(cfg.trainer.batch_size or cfg.method.batch_size),
+        eval_batch_size=int(cfg.trainer.eval_batch_size),
+        num_workers=int(cfg.trainer.num_workers),
+        val_fraction=float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0,
+        seed=int(cfg.seed),
+    )
+    reports = [_fit_stage(cfg, method, stage, datamodule, run_dir) for stage in method.stages]
+    metrics, extra, examples, ms_per_image = _test(cfg, method, datamodule, run_dir)
+    overlays = save_overlays(examples, run_dir / "overlays")
+    record = _record(cfg, method, splits.info, reports, metrics, extra, ms_per_image)
+    record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
+    write_record(run_dir, record)
+    print_summary(record, run_dir)
+    return record
+
+
+def _setup_torch(cfg: DictConfig) -> None:
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+
+def _note_backbone_choice(cfg: DictConfig) -> None:
+    paper = cfg.method.get("paper_backbone")
+    if paper and cfg.backbone.name.split(".")[0] != str(paper).split(".")[0]:
+        log.info(
+            "backbone %s (%s weights); the %s paper uses %s",
+            cfg.backbone.name,
+            cfg.backbone.weights,
+            cfg.method.name,
+            paper,
+        )
+
+
+def _trainer(
+    cfg: DictConfig, run_dir: Path, max_epochs: int, name: str, validate: bool = False
+) -> L.Trainer:
+    t = cfg.trainer
+    limits = {
+        k: t[k]
+        for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")
+        if t.get(k) is not None
+    }
+    if not validate:
+        limits["limit_val_batches"] = 0
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        max_epochs=max_epochs,
+        max_steps=int(t.max_steps),
+        deterministic=bool(t.deterministic),
+        enable_progress_bar=bool(t.enable_progress_bar),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=int(t.log_every_n_steps),
+        num_sanity_val_steps=0,
+        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=name),
+        **limits,
+    )
+
+
+def stage_epochs(cfg: DictConfig, stage: Stage) -> int:
+    """The stage's epochs, capped by ``trainer.max_epochs`` when a preset sets one."""
+    cap = cfg.trainer.get("max_epochs")
+    return min(stage.epochs, int(cap)) if cap else stage.epochs
+
+
+def _fit_stage(
+    cfg: DictConfig, method: Method, stage: Stage, datamodule: AnomalyDataModule, run_dir: Path
+) -> StageReport:
+    epochs = stage_epochs(cfg, stage)
+    log.info("stage %s: %d epochs, training %s", stage.name, epochs, ", ".join(stage.trainable))
+    module = StageModule(method, stage)
+    trainer = _trainer(cfg, run_dir, epochs, stage.name, validate=stage.selection != "last")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    module.restore_selected()
+    best = module.best_val_loss if module.best_val_loss != float("inf") else None
+    return StageReport(
+        stage.name, seconds, trainer.current_epoch, trainer.global_step, stage.selection, best
+    )
+
+
+def _metrics() -> dict[str, Any]:
+    return {"image_auroc": ImageAUROC(), "pixel_auroc": PixelAUROC(), "pro": PRO(fpr_limit=0.3)}
+
+
+def _test(
+    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
+) -> tuple[dict[str, float], dict[str, Any], list[dict], float]:
+    module = StageModule(method, metrics=_metrics(), keep_examples=int(cfg.examples))
+    trainer = _trainer(cfg, run_dir, 1, "test")
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = {name: float(m.compute()) for name, m in module.metrics.items()}
+    extra = {
+        f"{name}_error_bound": float(m.error_bound())
+        for name, m in module.metrics.items()
+        if hasattr(m, "error_bound")
+    }
+    ms = 1000.0 * module.inference_seconds / max(module.inference_images, 1)
+    return metrics, extra, module.examples, ms
+
+
+def peak_memory_mb() -> dict[str, Any]:
+    """Peak accelerator memory where there is one, and the process's peak resident memory."""
+    out: dict[str, Any] = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def device_description() -> str:
+    """The device the run used, in words."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _record(
+    cfg: DictConfig,
+    method: Method,
+    data_info: dict[str, Any],
+    reports: list[StageReport],
+    metrics: dict[str, float],
+    extra: dict[str, Any],
+    ms_per_image: float,
+) -> dict[str, Any]:
+    info = dict(method.info)
+    return {
+        "schema": SCHEMA_VERSION,
+        "dataset": cfg.dataset.name,
+        "category": cfg.dataset.category,
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "weights": info.pop("teacher_weights", None),
+        "seed": int(cfg.seed),
+        "image_size": int(cfg.image_size),
+        "metrics": {**metrics, **extra},
+        "train_seconds": {r.name: round(r.seconds, 3) for r in reports},
+        "stages": [asdict(r) for r in reports],
+        "inference_ms_per_image": round(ms_per_image, 3),
+        "peak_memory_mb": peak_memory_mb(),
+        "device": device_description(),
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "method_info": info,
+        "data": data_info,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def print_summary(record: dict[str, Any], run_dir: Path) -> None:
+    """A short metrics table on stdout."""
+    m = record["metrics"]
+    rows = [
+        ("dataset", f"{record['dataset']}/{record['category']}"),
+        ("method", f"{record['method']} ({record['backbone']})"),
+        ("image AUROC", f"{m['image_auroc']:.4f}"),
+        ("pixel AUROC", f"{m['pixel_auroc']:.4f}"),
+        ("PRO (FPR<=0.3)", f"{m['pro']:.4f}"),
+        ("train seconds", f"{sum(record['train_seconds'].values()):.1f}"),
+        ("inference ms/img", f"{record['inference_ms_per_image']:.1f}"),
+        ("record", str(run_dir / RECORD_NAME)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)

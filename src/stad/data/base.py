@@ -1,0 +1,195 @@
+"""What every dataset family produces: a list of samples, a dataset that serves batches, splits.
+
+A dataset reader (``mvtec.py``, ...) only lists files as :class:`Sample` s and checks the layout;
+:class:`AnomalyDataset` decodes, resizes and serves them as the batch dict of the contract
+(``image``, ``mask``, ``label``, ``path``, ``defect``), and :class:`DatasetSplits` carries the
+train/test datasets with a summary for the run record.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stad.data.images import as_hw, check_mask_size, load_mask, load_rgb, read_image_size
+from stad.errors import DatasetError
+
+# Decoding threads: PIL releases the GIL while decoding and resizing, so threads scale on
+# multi-core machines and any error still surfaces in the main process.
+_MAX_DECODE_THREADS = 8
+# Files named per problem in a warning; the rest are counted.
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file of a dataset, with its ground truth.
+
+    Attributes:
+        image_path: The image file.
+        mask_path: Its ground-truth mask file, or None (normal images: an all-zero mask).
+        label: 0 normal, 1 anomalous.
+        defect: The defect type (``"good"`` for normal images in the MVTec convention).
+    """
+
+    image_path: Path
+    mask_path: Path | None
+    label: int
+    defect: str
+
+    def __post_init__(self) -> None:
+        if self.label not in (0, 1):
+            raise DatasetError(
+                f"Sample {self.image_path} has label {self.label!r}; labels are 0 (normal) or "
+                "1 (anomalous). This is a bug in the dataset reader that listed it."
+            )
+
+
+@dataclass
+class DatasetSplits:
+    """The datasets of one run.
+
+    Attributes:
+        train: Normal images only; the datamodule holds a part of them out for validation.
+        test: Normal and anomalous images with masks; used for the final metrics only.
+        info: Summary for the run record, e.g. ``{"dataset": "mvtec", "category": "bottle",
+            "n_train": 209, "n_test": 83, "n_test_anomalous": 63, "image_size": [256, 256]}``.
+    """
+
+    train: Dataset
+    test: Dataset
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class AnomalyDataset(Dataset):
+    """Samples of any dataset family, decoded, resized (no crop) and served as batch dicts.
+
+    With ``preload=True`` (default) every image and mask is decoded and resized at construction,
+    in the main process, and kept as uint8 (256² px × 3 bytes per image); an unreadable file or a
+    mask whose size differs from its image then stops the run before training, never inside a
+    DataLoader worker. With ``preload=False`` only the file headers are checked up front (missing
+    or unidentifiable files, mask sizes) and pixels are decoded on access.
+
+    Each item is a dict:
+
+    - ``image``: float32 (3, H, W) in [0, 1], not normalised (the teacher normalises);
+    - ``mask``: float32 (1, H, W) with values in {0, 1}; all zero for samples without a mask;
+    - ``label``: int64 scalar, 0 normal / 1 anomalous;
+    - ``path``: the image file as str; ``defect``: the defect type.
+
+    Args:
+        samples: The files, in the order they are served.
+        image_size: Output size, one int (square) or ``(height, width)``.
+        preload: Decode everything now (True) or on access (False).
+
+    Raises:
+        DatasetError: A file is missing or unreadable, or a mask's size differs from its image's.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], image_size: int | Sequence[int], preload: bool = True
+    ) -> None:
+        self.samples: list[Sample] = list(samples)
+        self.image_size: tuple[int, int] = as_hw(image_size)
+        self.preload = preload
+        self._images: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+        if preload:
+            self._preload()
+        else:
+            self._check_headers()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        if self._images is not None and self._masks is not None:
+            image, mask = self._images[index], self._masks[index]
+        else:
+            image, mask, _ = self._decode(sample)
+        return {
+            "image": torch.from_numpy(image).to(torch.float32).div_(255.0),
+            "mask": torch.from_numpy(mask).to(torch.float32).unsqueeze(0),
+            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "path": str(sample.image_path),
+            "defect": sample.defect,
+        }
+
+    @property
+    def labels(self) -> list[int]:
+        """The label of every sample, in order."""
+        return [s.label for s in self.samples]
+
+    def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """Decode one sample: image uint8 (3, H, W), mask uint8 (H, W) in {0, 1}, and the mask's
+        anomalous pixel count at the original resolution (None without a mask)."""
+        image, original_size = load_rgb(sample.image_path, self.image_size)
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+        if sample.mask_path is None:
+            return chw, np.zeros(self.image_size, dtype=np.uint8), None
+        mask, n_pixels = load_mask(
+            sample.mask_path, self.image_size, sample.image_path, original_size
+        )
+        return chw, mask, n_pixels
+
+    def _preload(self) -> None:
+        n_threads = max(1, min(_MAX_DECODE_THREADS, os.cpu_count() or 1, len(self.samples)))
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            decoded = list(pool.map(self._decode, self.samples))
+        height, width = self.image_size
+        self._images = np.empty((len(decoded), 3, height, width), dtype=np.uint8)
+        self._masks = np.empty((len(decoded), height, width), dtype=np.uint8)
+        for i, (image, mask, _) in enumerate(decoded):
+            self._images[i] = image
+            self._masks[i] = mask
+        self._warn_empty_masks([d[2] for d in decoded])
+
+    def _warn_empty_masks(self, pixel_counts: list[int | None]) -> None:
+        """Warn about anomalous samples whose mask has no anomalous pixel, at the original or at
+        the evaluated resolution: pixel metrics cannot see those defects."""
+        assert self._masks is not None
+        empty, vanished = [], []
+        for i, (sample, count) in enumerate(zip(self.samples, pixel_counts, strict=True)):
+            if sample.label != 1 or count is None:
+                continue
+            if count == 0:
+                empty.append(sample.mask_path)
+            elif not self._masks[i].any():
+                vanished.append(sample.mask_path)
+        if empty:
+            warnings.warn(
+                f"{len(empty)} anomalous image(s) have an all-zero mask, e.g. "
+                f"{list_few(empty)}; pixel metrics treat them as normal. Check these mask files.",
+                stacklevel=3,
+            )
+        if vanished:
+            warnings.warn(
+                f"{len(vanished)} mask(s) lose their whole defect when resized to "
+                f"{self.image_size[0]}x{self.image_size[1]} px, e.g. {list_few(vanished)}; use a "
+                "larger dataset.image_size if pixel metrics must see these defects.",
+                stacklevel=3,
+            )
+
+    def _check_headers(self) -> None:
+        for sample in self.samples:
+            image_size = read_image_size(sample.image_path)
+            if sample.mask_path is None:
+                continue
+            mask_size = read_image_size(sample.mask_path)
+            check_mask_size(sample.mask_path, mask_size, sample.image_path, image_size)
+
+
+def list_few(items: Sequence[object], limit: int = _MAX_LISTED) -> str:
+    """The first ``limit`` items joined by commas, then how many more there are (for messages)."""
+    listed = ", ".join(str(item) for item in items[:limit])
+    return listed + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

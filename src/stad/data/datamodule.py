@@ -1,0 +1,153 @@
+"""The LightningDataModule of every run: training normals, held-out validation normals, test set.
+
+Validation images are normal training images held out by a seeded permutation, for methods that
+need normal validation statistics (score normalisation, quantiles) or a stopping rule. The test
+set never selects or normalises anything: it only feeds the final metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from stad.data.base import DatasetSplits
+from stad.errors import StadError
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Data loaders over one dataset's splits.
+
+    Args:
+        splits: Train (normal images) and test datasets.
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        val_fraction: Share of the training images held out as normal validation images, in
+            [0, 1); 0 gives no validation loader.
+        seed: Seeds the held-out split and the training shuffle order.
+
+    Raises:
+        StadError: A batch size, worker count or ``val_fraction`` is out of range, or the
+            held-out split would leave no training or no validation image.
+    """
+
+    def __init__(
+        self,
+        splits: DatasetSplits,
+        batch_size: int,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_range("batch_size", batch_size, minimum=1)
+        if eval_batch_size is not None:
+            _check_range("eval_batch_size", eval_batch_size, minimum=1)
+        _check_range("num_workers", num_workers, minimum=0)
+        if not 0.0 <= val_fraction < 1.0:
+            raise StadError(
+                f"val_fraction={val_fraction} is outside [0, 1): it is the share of normal "
+                "training images held out for validation; set val_fraction to e.g. 0.1 "
+                "(or 0 for none)."
+            )
+        self.splits = splits
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        train_idx, val_idx = split_indices(len(splits.train), val_fraction, seed)
+        self._train = Subset(splits.train, train_idx)
+        self._val = Subset(splits.train, val_idx)
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """Normal training images, less the held-out validation images."""
+        return self._train
+
+    @property
+    def val_dataset(self) -> Dataset:
+        """Held-out normal training images (empty when ``val_fraction`` is 0)."""
+        return self._val
+
+    @property
+    def test_dataset(self) -> Dataset:
+        """The test set (normal and anomalous images)."""
+        return self.splits.test
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The splits' summary plus the validation rule, for the run record."""
+        return {
+            **self.splits.info,
+            "n_fit": len(self._train),
+            "n_val": len(self._val),
+            "val_fraction": self.val_fraction,
+            "val_source": "held-out normal training images" if len(self._val) else "none",
+            "split_seed": self.seed,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        # A generator of its own keeps the shuffle order a function of the seed alone, whatever
+        # the model's initialisation drew from the global RNG.
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(self._train, self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # Lightning skips validation for an empty list; None would be rejected.
+        if len(self._val) == 0:
+            return []
+        return self._loader(self._val, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.test, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+            generator=generator,
+        )
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` into sorted, disjoint (train, validation) indices.
+
+    The validation part is ``round(n * val_fraction)`` indices (at least one when the fraction is
+    positive), drawn by a permutation seeded with ``seed``: the same seed gives the same split.
+
+    Raises:
+        StadError: A positive fraction would leave no training image.
+    """
+    if val_fraction <= 0.0:
+        return list(range(n)), []
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise StadError(
+            f"Holding out val_fraction={val_fraction} of {n} training image(s) leaves none to "
+            "train on; lower val_fraction (or set it to 0)."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _check_range(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise StadError(f"{name}={value!r} must be an integer >= {minimum}; fix it in the config.")

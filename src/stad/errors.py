@@ -1,5 +1,9 @@
 """Errors a user can cause, each carrying one message that names the cause and the fix."""
 
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class StadError(Exception):
     """A user-facing error: bad input, missing data or weights, an impossible configuration.
@@ -18,3 +22,12 @@ class WeightsError(StadError):
 
 class TrainingError(StadError):
     """Training diverged (NaN/inf loss) or cannot proceed."""
+
+
+def lookup(registry: dict[str, T], kind: str, name: str) -> T:
+    """``registry[name]``, or a StadError that lists the known names of this ``kind``."""
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry))
+        raise StadError(f"unknown {kind} '{name}'; known {kind}s: {known}") from None

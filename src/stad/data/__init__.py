@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from stad.data.base import DatasetSplits
 from stad.data.mvtec import build_mvtec
 from stad.data.synthetic import ensure_synthetic
-from stad.errors import StadError
+from stad.errors import lookup
 
 
 def _mvtec(cfg: DictConfig, image_size: int) -> DatasetSplits:
@@ -36,9 +36,5 @@ DATASETS: dict[str, Callable[[DictConfig, int], DatasetSplits]] = {
 
 def build_dataset(cfg: DictConfig, image_size: int) -> DatasetSplits:
     """Train/test splits of the dataset a ``dataset`` config names."""
-    try:
-        builder = DATASETS[cfg.name]
-    except KeyError:
-        known = ", ".join(sorted(DATASETS))
-        raise StadError(f"unknown dataset '{cfg.name}'; known datasets: {known}") from None
+    builder = lookup(DATASETS, "dataset", cfg.name)
     return builder(cfg, image_size)

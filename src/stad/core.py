@@ -198,7 +198,7 @@ class StageModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+    def _prepare(self, batch: Batch) -> Batch:
         if self.channels_last:
             # Faster convolutions on CPUs (oneDNN) and tensor cores alike.
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
@@ -220,7 +220,7 @@ class StageModule(L.LightningModule):
         return losses
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        losses = self._stage_loss(batch)
+        losses = self._stage_loss(self._prepare(batch))
         bs = batch["image"].shape[0]
         for key, value in losses.items():
             name = "train/loss" if key == "loss" else f"train/{key}"
@@ -228,7 +228,7 @@ class StageModule(L.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        losses = self._stage_loss(batch, validation=True)
+        losses = self._stage_loss(self._prepare(batch), validation=True)
         self.log("val/loss", losses["loss"], prog_bar=True, batch_size=batch["image"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
@@ -260,7 +260,7 @@ class StageModule(L.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        image = batch["image"]
+        image = self._prepare(batch)["image"]
         _synchronize(image.device)
         start = time.perf_counter()
         maps, scores = self.method(batch)

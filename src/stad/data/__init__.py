@@ -12,12 +12,17 @@ from omegaconf import DictConfig
 
 from stad.data.base import DatasetSplits
 from stad.data.mvtec import build_mvtec
+from stad.data.mvtec3d import build_mvtec3d
 from stad.data.synthetic import ensure_synthetic
 from stad.errors import lookup
 
 
 def _mvtec(cfg: DictConfig, image_size: int) -> DatasetSplits:
     return build_mvtec(cfg.root, cfg.category, image_size)
+
+
+def _mvtec3d(cfg: DictConfig, image_size: int) -> DatasetSplits:
+    return build_mvtec3d(cfg.root, cfg.category, image_size, input=cfg.get("input", "rgbd"))
 
 
 def _synthetic(cfg: DictConfig, image_size: int) -> DatasetSplits:
@@ -30,6 +35,7 @@ def _synthetic(cfg: DictConfig, image_size: int) -> DatasetSplits:
 
 DATASETS: dict[str, Callable[[DictConfig, int], DatasetSplits]] = {
     "mvtec": _mvtec,
+    "mvtec3d": _mvtec3d,
     "synthetic": _synthetic,
 }
 

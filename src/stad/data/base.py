@@ -63,11 +63,14 @@ class DatasetSplits:
         test: Normal and anomalous images with masks; used for the final metrics only.
         info: Summary for the run record, e.g. ``{"dataset": "mvtec", "category": "bottle",
             "n_train": 209, "n_test": 83, "n_test_anomalous": 63, "image_size": [256, 256]}``.
+        validation: Normal images of the dataset's own validation split (MVTec 3D-AD's
+            ``validation/good``), or None for datasets without one (MVTec AD); never test images.
     """
 
     train: Dataset
     test: Dataset
     info: dict[str, Any] = field(default_factory=dict)
+    validation: Dataset | None = None
 
 
 class AnomalyDataset(Dataset):

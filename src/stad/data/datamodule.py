@@ -26,7 +26,9 @@ class AnomalyDataModule(L.LightningDataModule):
         eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
         num_workers: DataLoader worker processes (0 loads in the main process).
         val_fraction: Share of the training images held out as normal validation images, in
-            [0, 1); 0 gives no validation loader.
+            [0, 1); 0 gives no validation loader. A dataset with its own normal validation split
+            (``splits.validation``, e.g. MVTec 3D-AD) uses that split instead whenever
+            ``val_fraction`` > 0, and trains on all its training images.
         seed: Seeds the held-out split and the training shuffle order.
 
     Raises:
@@ -60,9 +62,15 @@ class AnomalyDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
-        train_idx, val_idx = split_indices(len(splits.train), val_fraction, seed)
-        self._train = Subset(splits.train, train_idx)
-        self._val = Subset(splits.train, val_idx)
+        if splits.validation is not None and val_fraction > 0:
+            self._train: Dataset = splits.train
+            self._val: Dataset = splits.validation
+            self._val_source = "the dataset's own validation split (normal images)"
+        else:
+            train_idx, val_idx = split_indices(len(splits.train), val_fraction, seed)
+            self._train = Subset(splits.train, train_idx)
+            self._val = Subset(splits.train, val_idx)
+            self._val_source = "held-out normal training images"
 
     @property
     def train_dataset(self) -> Dataset:
@@ -87,7 +95,7 @@ class AnomalyDataModule(L.LightningDataModule):
             "n_fit": len(self._train),
             "n_val": len(self._val),
             "val_fraction": self.val_fraction,
-            "val_source": "held-out normal training images" if len(self._val) else "none",
+            "val_source": self._val_source if len(self._val) else "none",
             "split_seed": self.seed,
         }
 

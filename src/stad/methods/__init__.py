@@ -7,21 +7,18 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from stad.core import Method
-from stad.errors import StadError
-from stad.methods import stfpm
+from stad.errors import lookup
+from stad.methods import ast, stfpm
 
 Builder = Callable[[DictConfig, DictConfig], Method]
 
 METHODS: dict[str, Builder] = {
     "stfpm": stfpm.build,
+    "ast": ast.build,
 }
 
 
 def build_method(cfg: DictConfig, backbone: DictConfig) -> Method:
     """The Method a ``method`` config names, on the given backbone config."""
-    try:
-        builder = METHODS[cfg.name]
-    except KeyError:
-        known = ", ".join(sorted(METHODS))
-        raise StadError(f"unknown method '{cfg.name}'; known methods: {known}") from None
+    builder = lookup(METHODS, "method", cfg.name)
     return builder(cfg, backbone)

@@ -8,13 +8,15 @@ from omegaconf import DictConfig
 
 from stad.core import Method
 from stad.errors import lookup
-from stad.methods import ast, stfpm
+from stad.methods import ast, dskd, rd, stfpm
 
 Builder = Callable[[DictConfig, DictConfig], Method]
 
 METHODS: dict[str, Builder] = {
     "stfpm": stfpm.build,
     "ast": ast.build,
+    "rd": rd.build,
+    "dskd": dskd.build,
 }
 
 

@@ -14,6 +14,7 @@ was found, what was expected and how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few
@@ -145,9 +146,26 @@ def build_mvtec(
 
 
 def _category_dir(root: Path, category: str) -> Path:
+    return category_dir_of(root, category, "MVTec AD", MVTEC_AD_CATEGORIES, _ROOT_FIX, "mvtec_ad")
+
+
+def category_dir_of(
+    root: Path,
+    category: str,
+    dataset: str,
+    categories: Sequence[str],
+    root_fix: str,
+    root_name: str,
+) -> Path:
+    """``root/category``, or a DatasetError that says what the root holds and how to fix it.
+
+    Shared by the readers of the MVTec family (MVTec AD, MVTec 3D-AD ...): ``dataset`` names the
+    dataset in messages, ``categories`` are its official ones, ``root_fix`` says how to set the
+    root and ``root_name`` is the folder STAD_DATA should hold.
+    """
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"MVTec AD root {root} {what}. {_ROOT_FIX}.")
+        raise DatasetError(f"{dataset} root {root} {what}. {root_fix}.")
     category_dir = root / category
     if category_dir.is_dir():
         return category_dir
@@ -159,15 +177,13 @@ def _category_dir(root: Path, category: str) -> Path:
         )
     found = [p.name for p in list_subfolders(root)]
     known = (
-        ""
-        if category in MVTEC_AD_CATEGORIES
-        else f" MVTec AD's categories are {', '.join(MVTEC_AD_CATEGORIES)}."
+        "" if category in categories else f" {dataset}'s categories are {', '.join(categories)}."
     )
     raise DatasetError(
         f"Category folder {category_dir} does not exist; {root} holds "
         f"{list_few(found, limit=20) if found else 'no folders'}.{known} Pick one of those with "
         f"dataset.category=..., or point dataset.root at the folder holding {category}/ (or set "
-        "STAD_DATA to the folder holding mvtec_ad/)."
+        f"STAD_DATA to the folder holding {root_name}/)."
     )
 
 

@@ -36,7 +36,7 @@ from PIL import Image
 
 from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few
 from stad.data.images import as_hw, list_images, list_subfolders, read_image_size, resize_mask
-from stad.data.mvtec import NORMAL, _index_by_stem
+from stad.data.mvtec import NORMAL, _index_by_stem, category_dir_of
 from stad.errors import DatasetError
 
 __all__ = [
@@ -481,29 +481,8 @@ def build_mvtec3d(
 
 
 def _category_dir(root: Path, category: str) -> Path:
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"{_DATASET} root {root} {what}. {_ROOT_FIX}.")
-    category_dir = root / category
-    if category_dir.is_dir():
-        return category_dir
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        raise DatasetError(
-            f"Category folder {category_dir} does not exist, but {root} itself holds train/ and "
-            f"test/: it is a category folder. Set dataset.root={root.parent} and "
-            f"dataset.category={root.name}."
-        )
-    found = [p.name for p in list_subfolders(root)]
-    known = (
-        ""
-        if category in MVTEC_3D_CATEGORIES
-        else f" {_DATASET}'s categories are {', '.join(MVTEC_3D_CATEGORIES)}."
-    )
-    raise DatasetError(
-        f"Category folder {category_dir} does not exist; {root} holds "
-        f"{list_few(found, limit=20) if found else 'no folders'}.{known} Pick one of those with "
-        f"dataset.category=..., or point dataset.root at the folder holding {category}/ (or set "
-        "STAD_DATA to the folder holding mvtec_3d_anomaly_detection/)."
+    return category_dir_of(
+        root, category, _DATASET, MVTEC_3D_CATEGORIES, _ROOT_FIX, "mvtec_3d_anomaly_detection"
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
@@ -44,3 +45,13 @@ def tiny_config(data_cache, tmp_path) -> Callable[..., DictConfig]:
         return compose_config([*base, *overrides])
 
     return make
+
+
+def random_batch(n: int = 2, size: int = 64) -> dict:
+    """A batch of the contract with random normal images (labels 0, empty masks)."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(n, 3, size, size, generator=g),
+        "mask": torch.zeros(n, 1, size, size),
+        "label": torch.zeros(n, dtype=torch.long),
+    }

@@ -3,7 +3,7 @@ the joint loss, one optimisation step, config composition, and detection end to 
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -17,22 +17,13 @@ BACKBONES = {
 }
 
 
-def _batch(n=2, size=64):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "image": torch.rand(n, 3, size, size, generator=g),
-        "mask": torch.zeros(n, 1, size, size),
-        "label": torch.zeros(n, dtype=torch.long),
-    }
-
-
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_both_students_give_every_teacher_level(backbone):
     channels, weights = BACKBONES[backbone]
     cfg = compose_config(["method=dskd", f"backbone={backbone}", f"backbone.weights={weights}"])
     with torch.device("meta" if backbone == "wide_resnet50_2" else "cpu"):
         method = build_method(cfg.method, cfg.backbone)
-        batch = _batch(size=96)
+        batch = random_batch(size=96)
         targets = method.teacher(batch)
         encoded, decoded = method.student.both(batch, targets)
         maps, scores = method(batch)
@@ -60,7 +51,7 @@ def test_joint_loss_sums_both_students_and_reaches_the_encoder_through_the_decod
     cfg = tiny_config("method=dskd")
     method = build_method(cfg.method, cfg.backbone)
     stage = method.stages[0]
-    batch = _batch()
+    batch = random_batch()
     losses = stage.loss(method, batch)
     assert torch.allclose(losses["loss"], losses["loss_encoder"] + losses["loss_decoder"])
     targets = method.teacher(batch)
@@ -77,7 +68,7 @@ def test_joint_loss_sums_both_students_and_reaches_the_encoder_through_the_decod
 def test_detached_encoder_gets_no_gradient_from_the_decoder_loss(tiny_config):
     cfg = tiny_config("method=dskd", "method.detach_encoder=true")
     method = build_method(cfg.method, cfg.backbone)
-    batch = _batch()
+    batch = random_batch()
     targets = method.teacher(batch)
     _, decoded = method.student.both(batch, targets)
     sum(dskd_distance(t, d).mean() for t, d in zip(targets, decoded, strict=True)).backward()
@@ -93,7 +84,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_students(tiny_
     StageModule(method, stage).train()
     opt = stage.optimizer(list(stage_parameters(method, stage)))
     teacher_before = [p.clone() for p in method.teacher.parameters()]
-    batch = _batch(n=4)
+    batch = random_batch(n=4)
     before = stage.loss(method, batch)["loss"]
     for _ in range(3):
         opt.zero_grad()

@@ -4,7 +4,7 @@ config composition, and detection end to end on the generated dataset."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -18,15 +18,6 @@ BACKBONES = {
 }
 
 
-def _batch(n=2, size=64):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "image": torch.rand(n, 3, size, size, generator=g),
-        "mask": torch.zeros(n, 1, size, size),
-        "label": torch.zeros(n, dtype=torch.long),
-    }
-
-
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_every_level_and_the_map_have_the_contract_shapes(backbone):
     channels, weights = BACKBONES[backbone]
@@ -34,7 +25,7 @@ def test_every_level_and_the_map_have_the_contract_shapes(backbone):
     # Wide-ResNet-50-2 on the meta device: shapes without computing 150 M parameters.
     with torch.device("meta" if backbone == "wide_resnet50_2" else "cpu"):
         method = build_method(cfg.method, cfg.backbone)
-        batch = _batch(size=96)
+        batch = random_batch(size=96)
         targets = method.teacher(batch)
         preds = method.student(batch, targets)
         maps, scores = method(batch)
@@ -50,7 +41,7 @@ def test_flat_loss_is_the_official_whole_map_cosine_and_differs_from_the_per_pos
 ):
     cfg = tiny_config("method=rd")
     method = build_method(cfg.method, cfg.backbone)
-    batch = _batch()
+    batch = random_batch()
     t = method.teacher(batch)
     s = method.student(batch, t)
     flat = reverse_distillation_loss(method, batch, "flat")["loss"]
@@ -75,7 +66,7 @@ def test_flat_loss_is_the_official_whole_map_cosine_and_differs_from_the_per_pos
 def test_scorer_is_the_blurred_sum_of_per_level_cosine_distances(tiny_config):
     cfg = tiny_config("method=rd", "method.scorer.sigma=0")
     method = build_method(cfg.method, cfg.backbone).eval()
-    batch = _batch()
+    batch = random_batch()
     t = method.teacher(batch)
     s = method.student(batch, t)
     maps, _ = method.scorer(t, s, batch)
@@ -96,7 +87,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_c
     assert not method.teacher.extractor.training and method.student.training
     opt = stage.optimizer(list(stage_parameters(method, stage)))
     teacher_before = [p.clone() for p in method.teacher.parameters()]
-    batch = _batch(n=4)
+    batch = random_batch(n=4)
     before = stage.loss(method, batch)["loss"]
     for _ in range(3):
         opt.zero_grad()

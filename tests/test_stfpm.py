@@ -1,6 +1,7 @@
 """STFPM: shapes of every level, the loss, one optimisation step, and detection end to end."""
 
 import torch
+from conftest import random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -8,19 +9,10 @@ from stad.methods.stfpm import FeaturePyramidScorer, pyramid_loss
 from stad.run import run
 
 
-def _batch(n=2, size=64):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "image": torch.rand(n, 3, size, size, generator=g),
-        "mask": torch.zeros(n, 1, size, size),
-        "label": torch.zeros(n, dtype=torch.long),
-    }
-
-
 def test_levels_maps_and_scores_have_the_contract_shapes(tiny_config):
     cfg = tiny_config("backbone=tf_efficientnet_lite0")
     method = build_method(cfg.method, cfg.backbone)
-    batch = _batch(size=96)
+    batch = random_batch(size=96)
     targets = method.teacher(batch)
     preds = method.student(batch, targets)
     assert [t.shape[1] for t in targets] == [24, 40, 112]
@@ -45,7 +37,7 @@ def test_scorer_multiplies_levels_and_is_zero_for_a_perfect_student():
 def test_loss_is_the_sum_over_levels_of_mean_squared_normalised_distance(tiny_config):
     cfg = tiny_config("backbone=tf_efficientnet_lite0")
     method = build_method(cfg.method, cfg.backbone)
-    batch = _batch()
+    batch = random_batch()
     t = method.teacher(batch)
     s = method.student(batch, t)
     expected = sum(
@@ -68,7 +60,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_c
     module.train()
     opt = torch.optim.SGD(stage_parameters(method, stage), lr=0.4, momentum=0.9)
     teacher_before = [p.clone() for p in method.teacher.parameters()]
-    batch = _batch(n=4)
+    batch = random_batch(n=4)
     before = pyramid_loss(method, batch)["loss"]
     for _ in range(3):
         opt.zero_grad()

@@ -19,6 +19,10 @@ TINY_DATA = [
 ]
 
 
+# A short real training run on the tiny data, for the end-to-end detection tests of each method.
+E2E_TRAINING = ["trainer.max_steps=-1", "trainer.max_epochs=15", "dataset.category=object"]
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python -m stad <overrides>`` would run (without Hydra's own keys)."""
     with initialize_config_module("stad.conf", version_base="1.3"):

@@ -3,7 +3,7 @@ the joint loss, one optimisation step, config composition, and detection end to 
 
 import pytest
 import torch
-from conftest import compose_config, random_batch
+from conftest import E2E_TRAINING, compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -112,12 +112,9 @@ def test_dskd_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path
     # pixel AUROC 0.93 (chance 0.5).
     cfg = tiny_config(
         "method=dskd",
-        "trainer.max_steps=-1",
-        "trainer.max_epochs=15",
         "trainer.batch_size=8",
-        "trainer.channels_last=false",
         "method.stages.distill.optimizer.lr=0.005",
-        "dataset.category=object",
+        *E2E_TRAINING,
     )
     record = run(cfg, tmp_path)
     assert record["metrics"]["image_auroc"] > 0.7, record["metrics"]

@@ -4,7 +4,7 @@ config composition, and detection end to end on the generated dataset."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, random_batch
+from conftest import E2E_TRAINING, compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -119,11 +119,8 @@ def test_rd_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # 15 short epochs at 128 px, batch 4: measured image AUROC 0.89, pixel AUROC 0.92 (chance 0.5).
     cfg = tiny_config(
         "method=rd",
-        "trainer.max_steps=-1",
-        "trainer.max_epochs=15",
         "trainer.batch_size=4",
-        "trainer.channels_last=false",
-        "dataset.category=object",
+        *E2E_TRAINING,
     )
     record = run(cfg, tmp_path)
     assert record["metrics"]["image_auroc"] > 0.75, record["metrics"]

@@ -1,7 +1,7 @@
 """STFPM: shapes of every level, the loss, one optimisation step, and detection end to end."""
 
 import torch
-from conftest import random_batch
+from conftest import E2E_TRAINING, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -75,10 +75,8 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_c
 def test_stfpm_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # 15 short epochs at 128 px: measured image AUROC 0.96, pixel AUROC 0.91 (chance: 0.5).
     cfg = tiny_config(
-        "trainer.max_steps=-1",
-        "trainer.max_epochs=15",
         "trainer.batch_size=8",
-        "dataset.category=object",
+        *E2E_TRAINING,
     )
     record = run(cfg, tmp_path)
     assert record["metrics"]["image_auroc"] > 0.8, record["metrics"]

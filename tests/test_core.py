@@ -8,7 +8,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from stad.core import Method, Scorer, Stage, StageModule, Student, Teacher, stage_parameters
+from stad.core import (
+    Calibration,
+    CalibrationModule,
+    Method,
+    Scorer,
+    Stage,
+    StageModule,
+    Student,
+    Teacher,
+    stage_parameters,
+    update_metric,
+)
 from stad.errors import StadError, TrainingError
 
 
@@ -144,3 +155,53 @@ def test_scorer_must_return_maps_at_input_resolution():
     module = StageModule(method)
     with pytest.raises(RuntimeError, match="B×1×H×W"):
         module.test_step(next(iter(DataLoader(_Images(), batch_size=2))), 0)
+
+
+class _MeanCalibration(Calibration):
+    """Mean image score of the normal images it saw, in eval mode and without gradients."""
+
+    def reset(self, method):
+        self.total, self.count, self.modes = 0.0, 0, set()
+
+    def update(self, method, batch):
+        _, scores = method(batch)
+        self.modes.add(method.student.training)
+        self.grad = torch.is_grad_enabled()
+        self.total += float(scores.sum())
+        self.count += scores.numel()
+
+    def finish(self, method):
+        method.scorer.offset = self.total / self.count
+
+
+def test_calibration_sees_every_validation_image_once_in_eval_mode_without_gradients():
+    method = _method()
+    method.calibration = _MeanCalibration()
+    images = _Images(n=5)
+    _trainer().validate(CalibrationModule(method), DataLoader(images, batch_size=2), verbose=False)
+    cal = method.calibration
+    assert cal.count == 5 and cal.modes == {False} and cal.grad is False
+    method.eval()
+    with torch.no_grad():
+        _, expected = method(next(iter(DataLoader(images, batch_size=5))))
+    assert method.scorer.offset == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_metrics_receive_scores_masks_or_the_whole_batch_by_their_kind():
+    class Recorder:
+        def __init__(self, takes_batch=False):
+            self.takes_batch = takes_batch
+            self.args = None
+
+        def update(self, *args):
+            self.args = args
+
+    maps, scores = torch.rand(2, 1, 4, 4), torch.rand(2)
+    batch = {"label": torch.tensor([0, 1]), "mask": torch.zeros(2, 1, 4, 4), "path": ["a", "b"]}
+    image, pixel, whole = Recorder(), Recorder(), Recorder(takes_batch=True)
+    update_metric("image_auroc", image, maps, scores, batch)
+    update_metric("pro", pixel, maps, scores, batch)
+    update_metric("spro", whole, maps, scores, batch)
+    assert image.args[0] is scores and image.args[1] is batch["label"]
+    assert pixel.args[0] is maps and pixel.args[1] is batch["mask"]
+    assert whole.args == (maps, scores, batch)

@@ -24,6 +24,26 @@ Features = list[Tensor]
 LossFn = Callable[["Method", Batch], dict[str, Tensor]]
 
 
+class Calibration:
+    """Statistics a method fits on normal validation images after training (e.g. the mean and
+    spread of its scores, to standardise them); never on test images.
+
+    ``run`` calls :meth:`reset`, then :meth:`update` for every validation batch (no gradients,
+    every module in eval mode), then :meth:`finish`.
+    """
+
+    def reset(self, method: Method) -> None:
+        """Forget what earlier calls accumulated."""
+
+    def update(self, method: Method, batch: Batch) -> None:
+        """Accumulate the statistics of one batch of normal images."""
+        raise NotImplementedError
+
+    def finish(self, method: Method) -> None:
+        """Turn what was accumulated into the method's state (buffers of its scorer, ...)."""
+        raise NotImplementedError
+
+
 class Teacher(nn.Module):
     """Gives the regression targets of a batch (usually a list of feature maps)."""
 
@@ -109,6 +129,7 @@ class Method(nn.Module):
         scorer: nn.Module,
         stages: Sequence[Stage],
         info: dict[str, Any] | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         super().__init__()
         self.teacher = teacher
@@ -117,6 +138,8 @@ class Method(nn.Module):
         self.stages = list(stages)
         # Facts the run record reports (loaded weights, loss variants, score reduction ...).
         self.info: dict[str, Any] = dict(info or {})
+        # Fitted on normal validation images after the last stage (run.py), when set.
+        self.calibration = calibration
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Anomaly maps (B×1×H×W) and image scores (B,) of a batch."""
@@ -274,10 +297,7 @@ class StageModule(L.LightningModule):
             )
         maps, scores = maps.float(), scores.float()
         for name, metric in self.metrics.items():
-            if name.startswith("image_"):
-                metric.update(scores, batch["label"])
-            else:
-                metric.update(maps, batch["mask"])
+            update_metric(name, metric, maps, scores, batch)
         self._keep_examples(batch, maps, scores)
 
     def _keep_examples(self, batch: Batch, maps: Tensor, scores: Tensor) -> None:
@@ -297,6 +317,42 @@ class StageModule(L.LightningModule):
                     "path": str(batch["path"][i]),
                 }
             )
+
+
+class CalibrationModule(L.LightningModule):
+    """Runs a Method's :class:`Calibration` over normal validation images under Lightning
+    (``trainer.validate``), so it uses the same device and precision as training."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        if method.calibration is None:
+            raise ValueError("CalibrationModule needs a method with a calibration")
+        self.method = method
+        self.calibration = method.calibration
+
+    def on_validation_start(self) -> None:
+        self.calibration.reset(self.method)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.calibration.update(self.method, batch)
+
+    def on_validation_end(self) -> None:
+        self.calibration.finish(self.method)
+
+
+def update_metric(name: str, metric: Any, maps: Tensor, scores: Tensor, batch: Batch) -> None:
+    """Feed one test batch to a metric.
+
+    Metrics whose name starts with ``image_`` take (scores, labels), other metrics (maps, masks);
+    a metric with ``takes_batch = True`` (e.g. a dataset's own metric that needs more ground
+    truth than one mask per image) takes (maps, scores, batch).
+    """
+    if getattr(metric, "takes_batch", False):
+        metric.update(maps, scores, batch)
+    elif name.startswith("image_"):
+        metric.update(scores, batch["label"])
+    else:
+        metric.update(maps, batch["mask"])
 
 
 def _synchronize(device: torch.device) -> None:

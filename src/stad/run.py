@@ -18,8 +18,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from stad.core import Method, Stage, StageModule
+from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
+from stad.data.base import DatasetSplits
 from stad.data.datamodule import AnomalyDataModule
 from stad.errors import StadError
 from stad.methods import build_method
@@ -53,7 +54,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
     _note_backbone_choice(cfg)
-    needs_val = any(s.selection == "min_val_loss" for s in method.stages)
+    needs_val = method.calibration is not None or any(
+        s.selection == "min_val_loss" for s in method.stages
+    )
     datamodule = AnomalyDataModule(
         splits,
         batch_size=int(cfg.trainer.batch_size or cfg.method.batch_size),
@@ -63,7 +66,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         seed=int(cfg.seed),
     )
     reports = [_fit_stage(cfg, method, stage, datamodule, run_dir) for stage in method.stages]
-    metrics, extra, examples, ms_per_image = _test(cfg, method, datamodule, run_dir)
+    _calibrate(cfg, method, datamodule, run_dir)
+    metrics, extra, examples, ms_per_image = _test(cfg, method, datamodule, splits, run_dir)
     overlays = save_overlays(examples, run_dir / "overlays")
     record = _record(cfg, method, datamodule.info, reports, metrics, extra, ms_per_image)
     record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
@@ -145,22 +149,56 @@ def _fit_stage(
     )
 
 
-def _metrics() -> dict[str, Any]:
-    return {"image_auroc": ImageAUROC(), "pixel_auroc": PixelAUROC(), "pro": PRO(fpr_limit=0.3)}
+def _calibrate(
+    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
+) -> None:
+    """Fit the method's calibration (if any) on the normal validation images."""
+    if method.calibration is None:
+        return
+    if len(datamodule.val_dataset) == 0:
+        raise StadError(
+            f"method {cfg.method.name} fits statistics on normal validation images but none are "
+            "held out; set method.val_fraction > 0"
+        )
+    log.info("calibration on %d normal validation images", len(datamodule.val_dataset))
+    trainer = _trainer(cfg, run_dir, 1, "calibration", validate=True)
+    trainer.validate(CalibrationModule(method), datamodule.val_dataloader(), verbose=False)
+
+
+def _metrics(splits: DatasetSplits) -> dict[str, Any]:
+    common = {
+        "image_auroc": ImageAUROC(),
+        "pixel_auroc": PixelAUROC(),
+        "pro": PRO(fpr_limit=0.3),
+    }
+    return {**common, **{name: factory() for name, factory in splits.metrics.items()}}
+
+
+def metric_values(name: str, value: Any) -> dict[str, float]:
+    """A metric's result as record entries: a scalar under its name, a dict as ``name_key``."""
+    if isinstance(value, dict):
+        return {f"{name}_{k}" if k else name: float(v) for k, v in value.items()}
+    return {name: float(value)}
 
 
 def _test(
-    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
+    cfg: DictConfig,
+    method: Method,
+    datamodule: AnomalyDataModule,
+    splits: DatasetSplits,
+    run_dir: Path,
 ) -> tuple[dict[str, float], dict[str, Any], list[dict], float]:
     module = StageModule(
         method,
-        metrics=_metrics(),
+        metrics=_metrics(splits),
         keep_examples=int(cfg.examples),
         channels_last=bool(cfg.trainer.channels_last),
     )
     trainer = _trainer(cfg, run_dir, 1, "test")
     trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = {name: float(m.compute()) for name, m in module.metrics.items()}
+    metrics: dict[str, float] = {}
+    for name, metric in module.metrics.items():
+        metrics.update(metric_values(name, metric.compute()))
     extra = {
         f"{name}_error_bound": float(m.error_bound())
         for name, m in module.metrics.items()

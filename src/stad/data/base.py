@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +65,16 @@ class DatasetSplits:
             "n_train": 209, "n_test": 83, "n_test_anomalous": 63, "image_size": [256, 256]}``.
         validation: Normal images of the dataset's own validation split (MVTec 3D-AD's
             ``validation/good``), or None for datasets without one (MVTec AD); never test images.
+        metrics: The dataset's own test metrics beside the common ones, by record name, as
+            factories of torchmetrics Metrics (e.g. MVTec LOCO's sPRO); see
+            ``stad.core.update_metric`` for what their ``update`` receives.
     """
 
     train: Dataset
     test: Dataset
     info: dict[str, Any] = field(default_factory=dict)
     validation: Dataset | None = None
+    metrics: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
 
 class AnomalyDataset(Dataset):

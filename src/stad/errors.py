@@ -24,6 +24,12 @@ class TrainingError(StadError):
     """Training diverged (NaN/inf loss) or cannot proceed."""
 
 
+class IncompatibleError(StadError):
+    """The configuration combines parts that cannot work together (a method that needs depth on
+    an RGB dataset, a backbone a method cannot use). A sweep skips such a job with this message
+    instead of failing; a single run stops with it."""
+
+
 def lookup(registry: dict[str, T], kind: str, name: str) -> T:
     """``registry[name]``, or a StadError that lists the known names of this ``kind``."""
     try:

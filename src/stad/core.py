@@ -130,6 +130,7 @@ class Method(nn.Module):
         stages: Sequence[Stage],
         info: dict[str, Any] | None = None,
         calibration: Calibration | None = None,
+        requires: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.teacher = teacher
@@ -140,6 +141,9 @@ class Method(nn.Module):
         self.info: dict[str, Any] = dict(info or {})
         # Fitted on normal validation images after the last stage (run.py), when set.
         self.calibration = calibration
+        # Batch entries beyond image/mask/label/path the method reads (e.g. "depth"); run.py
+        # checks the dataset provides them before anything trains.
+        self.requires = tuple(requires)
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Anomaly maps (B×1×H×W) and image scores (B,) of a batch."""

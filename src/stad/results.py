@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -9,6 +11,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from stad.errors import StadError
 
@@ -38,6 +42,20 @@ RECORD_KEYS = (
     "created",
 )
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro")
+
+# Settings that change where a run writes or how it reports progress, never its numbers; the
+# config hash that identifies a run (resume, duplicate detection) leaves them out.
+UNHASHED_KEYS = (
+    "output_root",
+    "force",
+    "examples",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.num_workers",
+    "trainer.num_threads",
+    "trainer.eval_batch_size",
+)
+INDEX_DIR = "index"
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
@@ -124,3 +142,49 @@ def package_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             versions[pkg] = "not installed"
     return versions
+
+
+def config_hash(config: DictConfig | Mapping[str, Any]) -> str:
+    """Content hash (sha256 hex) of a resolved run config, without :data:`UNHASHED_KEYS`.
+
+    Two runs with the same hash trained the same thing: same data, method, backbone, trainer
+    settings and seed. Works on a live config and on the ``config`` stored in a record alike.
+    """
+    if isinstance(config, DictConfig):
+        data = OmegaConf.to_container(config, resolve=True)
+    else:
+        data = copy.deepcopy(dict(config))
+    assert isinstance(data, dict)
+    for dotted in UNHASHED_KEYS:
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _index_path(output_root: str | Path, key: str) -> Path:
+    return Path(output_root) / INDEX_DIR / f"{key}.json"
+
+
+def register_run(output_root: str | Path, key: str, run_dir: Path) -> None:
+    """Note in ``<output_root>/index/`` that the run with config hash ``key`` lives in
+    ``run_dir`` (so a re-run sweep finds it without reading every record)."""
+    write_json_atomic(_index_path(output_root, key), {"run_dir": str(Path(run_dir).resolve())})
+
+
+def find_previous_run(output_root: str | Path, key: str) -> Path | None:
+    """The run directory holding a complete record for config hash ``key``, if one exists."""
+    index = _index_path(output_root, key)
+    try:
+        run_dir = Path(json.loads(index.read_text())["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        record = read_record(run_dir / RECORD_NAME)
+    except StadError:
+        return None
+    return run_dir if record.get("config_hash", config_hash(record["config"])) == key else None

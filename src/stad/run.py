@@ -22,10 +22,17 @@ from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
 from stad.data.base import DatasetSplits
 from stad.data.datamodule import AnomalyDataModule
-from stad.errors import StadError
+from stad.errors import IncompatibleError, StadError
 from stad.methods import build_method
 from stad.metrics import PRO, ImageAUROC, PixelAUROC
-from stad.results import RECORD_NAME, SCHEMA_VERSION, git_revision, package_versions, write_record
+from stad.results import (
+    RECORD_NAME,
+    SCHEMA_VERSION,
+    config_hash,
+    git_revision,
+    package_versions,
+    write_record,
+)
 from stad.viz import save_overlays
 
 log = logging.getLogger("stad")
@@ -51,6 +58,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     image_size = int(cfg.image_size)
     splits = build_dataset(cfg.dataset, image_size)
     method = build_method(cfg.method, cfg.backbone)
+    check_inputs(method, splits, cfg)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
     _note_backbone_choice(cfg)
@@ -74,6 +82,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_record(run_dir, record)
     print_summary(record, run_dir)
     return record
+
+
+def check_inputs(method: Method, splits: DatasetSplits, cfg: DictConfig) -> None:
+    """Stop before training when the dataset lacks an input the method reads (e.g. depth)."""
+    if not method.requires or len(splits.train) == 0:
+        return
+    provided = set(splits.train[0])
+    missing = [key for key in method.requires if key not in provided]
+    if missing:
+        raise IncompatibleError(
+            f"method {cfg.method.name} (as configured) reads {', '.join(missing)}, which dataset "
+            f"{cfg.dataset.name} does not provide (its batches have {', '.join(sorted(provided))})"
+            "; pick a dataset with it (e.g. dataset=mvtec3d for depth) or change the method's "
+            "input (e.g. method.input=rgb)"
+        )
 
 
 def _setup_torch(cfg: DictConfig) -> None:
@@ -251,6 +274,7 @@ def _record(
         "versions": package_versions(),
         "git_revision": git_revision(),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(cfg),
         "method_info": info,
         "data": data_info,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -29,7 +29,7 @@ from stad.backbones import (
     create_feature_extractor,
 )
 from stad.core import Batch, Features, Method, Scorer, Stage, Student, Teacher
-from stad.errors import StadError
+from stad.errors import IncompatibleError, StadError
 from stad.feature_cache import CachedFeatures, tensors_sha256
 from stad.methods.common import reduce_map, resize
 from stad.methods.flows import ConditionalFlow, gaussian_nll
@@ -90,7 +90,7 @@ def feature_extractor(
         return extractor, info
     model, info = create_classifier(name, weights)
     if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks")):
-        raise StadError(
+        raise IncompatibleError(
             f"method.feature_stage={stage} needs an EfficientNet-style backbone (timm model with "
             f"conv_stem, bn1, blocks); '{name}' is not one. Fix: use backbone=efficientnet_b5 / "
             "tf_efficientnet_lite0, or set method.feature_stage=null method.feature_level=<timm "
@@ -437,4 +437,5 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         "feature_cache": str(cfg.get("cache_dir") or "memory"),
         "timm_version": timm.__version__,
     }
-    return Method(teacher, student, scorer, stages, info=info)
+    requires = ("depth",) if cfg.input in ("depth", "rgbd") else ()
+    return Method(teacher, student, scorer, stages, info=info, requires=requires)

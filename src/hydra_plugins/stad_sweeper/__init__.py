@@ -1,0 +1,1 @@
+"""Hydra plugin package: stad's sweeper (``hydra/sweeper=stad``), see ``stad.sweep``."""

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config
+from hydra import compose, initialize_config_module
 from hydra.core.utils import JobReturn, JobStatus
 
 from stad.leaderboard import main as leaderboard
+from stad.methods import METHODS
 from stad.results import (
     RECORD_NAME,
     config_hash,
@@ -210,3 +212,20 @@ def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_records(tmp_path / "out")) == 1
     assert len(_summary(tmp_path)["done"]) == 1
+
+
+def test_slurm_preset_composes_on_the_submitit_plugin():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_module("stad.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
+
+
+def test_smoke_experiment_sweeps_every_registered_method():
+    with initialize_config_module("stad.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=smoke"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.method.split(",")) == set(METHODS)
+    assert len(params["dataset.category"].split(",")) == 2

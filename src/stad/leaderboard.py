@@ -327,7 +327,7 @@ def columns(rows: Sequence[Row], metrics: Sequence[str], paper: bool) -> list[st
 def _cell(row: Row, col: str) -> Any:
     value = getattr(row, col) if col in KEY_COLUMNS else row.values.get(col, "")
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.10g}"
     return value
 
 

@@ -188,14 +188,19 @@ def test_a_killed_sweep_restarted_completes_only_the_missing_runs(tmp_path):
     assert len(summary["done"]) == 3 - len(done_before)
 
 
-def test_incompatible_jobs_are_skipped_with_a_reason_and_failures_do_not_stop_the_sweep(
+def test_category_all_and_incompatible_jobs_skipped_with_a_reason_and_failures_not_fatal(
     tmp_path,
 ):
-    out = _sweep(tmp_path, "method=ast", "method.input=depth,rgbd", "method.flow.hidden=8")
+    out = _sweep(
+        tmp_path, "method=ast", "method.input=depth", "method.flow.hidden=8", "dataset.category=all"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = _summary(tmp_path)
-    assert len(summary["skipped"]) == 2 and "depth" in summary["skipped"][0]
-    assert len(list((tmp_path / "out").rglob("skipped.json"))) == 2
+    categories = compose_config([]).dataset.categories
+    assert len(summary["skipped"]) == len(categories) >= 2
+    for category, line in zip(categories, summary["skipped"], strict=True):
+        assert line.startswith(f"dataset.category={category}:") and "depth" in line
+    assert len(list((tmp_path / "out").rglob("skipped.json"))) == len(categories)
 
     missing = tmp_path / "missing.pth"
     out = _sweep(tmp_path, "backbone=resnet18", f"backbone.weights=random,{missing}")

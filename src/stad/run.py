@@ -17,11 +17,13 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
 from stad.data.base import DatasetSplits
 from stad.data.datamodule import AnomalyDataModule
+from stad.data.validation import SyntheticAnomalySet
 from stad.errors import IncompatibleError, StadError
 from stad.methods import build_method
 from stad.metrics import PRO, ImageAUROC, PixelAUROC
@@ -65,20 +67,28 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     needs_val = method.calibration is not None or any(
         s.selection == "min_val_loss" for s in method.stages
     )
+    validation = cfg.get("validation") or {}
+    synthetic_validation = bool(validation.get("enabled")) or bool(cfg.get("objective"))
+    val_fraction = float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0
+    if synthetic_validation and val_fraction == 0.0:
+        val_fraction = float(validation.get("val_fraction", 0.2))
     datamodule = AnomalyDataModule(
         splits,
         batch_size=int(cfg.trainer.batch_size or cfg.method.batch_size),
         eval_batch_size=int(cfg.trainer.eval_batch_size),
         num_workers=int(cfg.trainer.num_workers),
-        val_fraction=float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0,
+        val_fraction=val_fraction,
         seed=int(cfg.seed),
     )
     reports = [_fit_stage(cfg, method, stage, datamodule, run_dir) for stage in method.stages]
     _calibrate(cfg, method, datamodule, run_dir)
+    validated = _validate(cfg, method, datamodule, run_dir) if synthetic_validation else None
     metrics, extra, examples, ms_per_image = _test(cfg, method, datamodule, splits, run_dir)
     overlays = save_overlays(examples, run_dir / "overlays")
     record = _record(cfg, method, datamodule.info, reports, metrics, extra, ms_per_image)
     record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
+    if validated is not None:
+        record["validation"] = validated
     write_record(run_dir, record)
     print_summary(record, run_dir)
     return record
@@ -188,13 +198,39 @@ def _calibrate(
     trainer.validate(CalibrationModule(method), datamodule.val_dataloader(), verbose=False)
 
 
-def _metrics(splits: DatasetSplits) -> dict[str, Any]:
+def _validate(
+    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
+) -> dict[str, Any]:
+    """Metrics on held-out normal images and their synthetic-anomaly copies (no test image):
+    what a hyper-parameter search may optimise."""
+    validation = cfg.validation
+    dataset = SyntheticAnomalySet(
+        datamodule.val_dataset,
+        OmegaConf.to_container(validation.synthesis, resolve=True),
+        int(cfg.image_size),
+        str(cfg.dataset.category),
+        int(validation.seed),
+    )
+    log.info("validation on %d held-out images + synthetic anomalies", len(dataset) // 2)
+    module = StageModule(
+        method, metrics=_metrics(None), channels_last=bool(cfg.trainer.channels_last)
+    )
+    loader = DataLoader(dataset, batch_size=int(cfg.trainer.eval_batch_size), shuffle=False)
+    _trainer(cfg, run_dir, 1, "validation").test(module, loader, verbose=False)
+    values: dict[str, Any] = {}
+    for name, metric in module.metrics.items():
+        values.update(metric_values(name, metric.compute()))
+    return {**values, "n_images": len(dataset), "synthesis": dataset.description}
+
+
+def _metrics(splits: DatasetSplits | None) -> dict[str, Any]:
     common = {
         "image_auroc": ImageAUROC(),
         "pixel_auroc": PixelAUROC(),
         "pro": PRO(fpr_limit=0.3),
     }
-    return {**common, **{name: factory() for name, factory in splits.metrics.items()}}
+    own = splits.metrics if splits is not None else {}
+    return {**common, **{name: factory() for name, factory in own.items()}}
 
 
 def metric_values(name: str, value: Any) -> dict[str, float]:
@@ -282,6 +318,10 @@ def _record(
     }
 
 
+def _is_extra_metric(name: str) -> bool:
+    return name not in ("image_auroc", "pixel_auroc", "pro") and not name.endswith("_error_bound")
+
+
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
     """A short metrics table on stdout."""
     m = record["metrics"]
@@ -291,6 +331,7 @@ def print_summary(record: dict[str, Any], run_dir: Path) -> None:
         ("image AUROC", f"{m['image_auroc']:.4f}"),
         ("pixel AUROC", f"{m['pixel_auroc']:.4f}"),
         ("PRO (FPR<=0.3)", f"{m['pro']:.4f}"),
+        *((name, f"{value:.4f}") for name, value in m.items() if _is_extra_metric(name)),
         ("train seconds", f"{sum(record['train_seconds'].values()):.1f}"),
         ("inference ms/img", f"{record['inference_ms_per_image']:.1f}"),
         ("record", str(run_dir / RECORD_NAME)),

@@ -23,10 +23,12 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from stad.errors import IncompatibleError
+from stad.errors import IncompatibleError, StadError
 from stad.results import (
+    RECORD_NAME,
     config_hash,
     find_previous_run,
+    read_record,
     register_run,
     write_json_atomic,
 )
@@ -56,6 +58,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         previous = find_previous_run(cfg.output_root, key)
         if previous is not None:
             log.info("already done: %s (config %s); +force=true reruns it", previous, key[:12])
+            if cfg.get("objective"):
+                return objective_value(read_record(previous / RECORD_NAME), str(cfg.objective))
             return {"status": "exists", "run_dir": str(previous), "config_hash": key}
     try:
         record = run(cfg, run_dir)
@@ -67,7 +71,18 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         write_json_atomic(run_dir / SKIPPED_NAME, skipped)
         return {"status": "skipped", "reason": str(err), "config_hash": key}
     register_run(cfg.output_root, key, run_dir)
+    if cfg.get("objective"):
+        return objective_value(record, str(cfg.objective))
     return {"status": "done", "run_dir": str(run_dir), "config_hash": key, **record["metrics"]}
+
+
+def objective_value(record: dict[str, Any], name: str) -> float:
+    """The validation metric a hyper-parameter sweeper optimises (never a test metric)."""
+    validation = record.get("validation") or {}
+    if name not in validation:
+        known = ", ".join(k for k, v in validation.items() if isinstance(v, float))
+        raise StadError(f"objective={name} is not a validation metric; use one of: {known}")
+    return float(validation[name])
 
 
 def _now() -> str:

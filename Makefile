@@ -34,8 +34,15 @@ format: install-test
 test: lint
 	$(PY) -m pytest -q
 
+# Ours vs anomalib side by side on this machine; writes benchmarks/results/*.csv and
+# docs/performance.md. On a small CPU: make bench BENCH_ARGS="--rd-image-size 128"
+BENCH_ARGS ?=
 bench: install-test
+	$(PIP) -e '.[test,bench]'
 	$(PY) benchmarks/metrics_speed.py
+	$(PY) benchmarks/training_speed.py $(BENCH_ARGS)
+	$(PY) benchmarks/inference_speed.py $(BENCH_ARGS)
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -43,6 +43,7 @@ def tiny_config(data_cache, tmp_path) -> Callable[..., DictConfig]:
         base = [
             f"dataset.root={data_cache}/synthetic",
             f"output_root={tmp_path}/outputs",
+            f"decode_cache={data_cache}/decoded",
             "trainer=smoke",
             *TINY_DATA,
         ]

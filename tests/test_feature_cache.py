@@ -123,3 +123,22 @@ def test_corrupted_or_tampered_disk_file_is_rebuilt_not_used(tmp_path):
     last = CachedFeatures(extractor, key="k", cache_dir=tmp_path / "cache")
     last(images, paths)
     assert last.forward_passes == 0 and last.rebuilt == 0
+
+
+def test_backbone_teacher_reuses_training_features_but_never_at_evaluation():
+    from stad.methods.common import pretrained_teacher
+
+    teacher, _ = pretrained_teacher("resnet18", [1, 2], "random", cache=True)
+    batch = {"image": torch.rand(2, 3, 64, 64), "path": ["a.png", "b.png"]}
+    first = teacher(batch)
+    again = teacher(batch)
+    assert teacher.cache.forward_passes == 1
+    for x, y in zip(first, again, strict=True):
+        assert torch.equal(x, y)
+    with torch.inference_mode():
+        evaluated = teacher(batch)
+    assert teacher.cache.forward_passes == 1  # evaluation bypassed the cache
+    for x, y in zip(first, evaluated, strict=True):
+        assert torch.allclose(x, y, atol=1e-6)
+    plain, _ = pretrained_teacher("resnet18", [1, 2], "random", cache=False)
+    assert plain.cache is None

@@ -233,6 +233,10 @@ def summarise(row: Row, metrics: Sequence[str]) -> None:
     row.values["inference_ms_per_image"] = statistics.fmean(
         float(r.record["inference_ms_per_image"]) for r in row.runs
     )
+    for key in ("ms_per_image_batch1", "images_per_s_batch32"):
+        timed = [float(r.record["inference"][key]) for r in row.runs if r.record.get("inference")]
+        if timed:
+            row.values[key] = statistics.fmean(timed)
 
 
 def dataset_means(rows: Sequence[Row], metrics: Sequence[str]) -> list[Row]:
@@ -259,6 +263,9 @@ def dataset_means(rows: Sequence[Row], metrics: Sequence[str]) -> list[Row]:
         mean.values["n_categories"] = len(members)
         for name in ("train_seconds", "inference_ms_per_image"):
             mean.values[name] = statistics.fmean(float(m.values[name]) for m in members)
+        for name in ("ms_per_image_batch1", "images_per_s_batch32"):
+            if all(name in m.values for m in members):
+                mean.values[name] = statistics.fmean(float(m.values[name]) for m in members)
         means.append(mean)
     return means
 
@@ -316,6 +323,7 @@ def columns(rows: Sequence[Row], metrics: Sequence[str], paper: bool) -> list[st
     for name in metrics:
         cols += [name, f"{name}_std"]
     cols += ["n_seeds", "seeds", "n_categories", "train_seconds", "inference_ms_per_image"]
+    cols += ["ms_per_image_batch1", "images_per_s_batch32"]
     if paper:
         for name in metrics:
             cols += [f"paper_{name}", f"diff_{name}"]

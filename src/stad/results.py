@@ -47,6 +47,7 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro")
 # config hash that identifies a run (resume, duplicate detection) leaves them out.
 UNHASHED_KEYS = (
     "output_root",
+    "decode_cache",
     "force",
     "examples",
     "trainer.enable_progress_bar",

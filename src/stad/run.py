@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
-from stad.data.base import DatasetSplits
+from stad.data.base import DatasetSplits, decode_cache
 from stad.data.datamodule import AnomalyDataModule
 from stad.data.validation import SyntheticAnomalySet
 from stad.errors import IncompatibleError, StadError
@@ -35,6 +35,7 @@ from stad.results import (
     package_versions,
     write_record,
 )
+from stad.timing import measure_inference
 from stad.viz import save_overlays
 
 log = logging.getLogger("stad")
@@ -58,10 +59,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise StadError(f"{run_dir} already holds a run record; choose a new hydra.run.dir")
     _setup_torch(cfg)
     image_size = int(cfg.image_size)
-    splits = build_dataset(cfg.dataset, image_size)
+    with decode_cache(cfg.get("decode_cache")):
+        splits = build_dataset(cfg.dataset, image_size)
     method = build_method(cfg.method, cfg.backbone)
     check_inputs(method, splits, cfg)
-    if cfg.trainer.channels_last:
+    channels_last = use_channels_last(cfg)
+    if channels_last:
         method.to(memory_format=torch.channels_last)
     _note_backbone_choice(cfg)
     needs_val = method.calibration is not None or any(
@@ -80,13 +83,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         val_fraction=val_fraction,
         seed=int(cfg.seed),
     )
-    reports = [_fit_stage(cfg, method, stage, datamodule, run_dir) for stage in method.stages]
+    reports = [
+        _fit_stage(cfg, method, stage, datamodule, run_dir, channels_last)
+        for stage in method.stages
+    ]
     _calibrate(cfg, method, datamodule, run_dir)
-    validated = _validate(cfg, method, datamodule, run_dir) if synthetic_validation else None
-    metrics, extra, examples, ms_per_image = _test(cfg, method, datamodule, splits, run_dir)
+    validated = (
+        _validate(cfg, method, datamodule, run_dir, channels_last) if synthetic_validation else None
+    )
+    metrics, extra, examples, ms_per_image = _test(
+        cfg, method, datamodule, splits, run_dir, channels_last
+    )
+    speed = _time_inference(cfg, method, datamodule, channels_last)
     overlays = save_overlays(examples, run_dir / "overlays")
     record = _record(cfg, method, datamodule.info, reports, metrics, extra, ms_per_image)
     record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
+    record["inference"] = speed
     if validated is not None:
         record["validation"] = validated
     write_record(run_dir, record)
@@ -107,6 +119,47 @@ def check_inputs(method: Method, splits: DatasetSplits, cfg: DictConfig) -> None
             "; pick a dataset with it (e.g. dataset=mvtec3d for depth) or change the method's "
             "input (e.g. method.input=rgb)"
         )
+
+
+def use_channels_last(cfg: DictConfig) -> bool:
+    """``trainer.channels_last``: true, false, or auto (on CUDA only)."""
+    value = cfg.trainer.get("channels_last", "auto")
+    if str(value) == "auto":
+        return _device(cfg).type == "cuda"
+    return bool(value)
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    """The device Lightning trains on for this config (one device)."""
+    wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _time_inference(
+    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, channels_last: bool
+) -> dict[str, Any] | None:
+    """Inference speed of the trained method on test images, on the run's device."""
+    timing = cfg.trainer.get("inference_timing") or {}
+    if not timing.get("enabled", False):
+        return None
+    device = _device(cfg)
+    batch = next(iter(datamodule.test_dataloader()))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    precision = str(cfg.trainer.precision)
+    autocast = torch.bfloat16 if precision.startswith("bf16") else None
+    if precision.startswith("16"):
+        autocast = torch.float16
+    method.to(device)
+    speed = measure_inference(
+        method,
+        batch,
+        batch_sizes=tuple(timing.batch_sizes),
+        repeats=int(timing.repeats),
+        budget_s=float(timing.budget_s),
+        channels_last=channels_last,
+        autocast_dtype=autocast,
+    )
+    return speed.as_dict()
 
 
 def _setup_torch(cfg: DictConfig) -> None:
@@ -166,11 +219,16 @@ def stage_epochs(cfg: DictConfig, stage: Stage) -> int:
 
 
 def _fit_stage(
-    cfg: DictConfig, method: Method, stage: Stage, datamodule: AnomalyDataModule, run_dir: Path
+    cfg: DictConfig,
+    method: Method,
+    stage: Stage,
+    datamodule: AnomalyDataModule,
+    run_dir: Path,
+    channels_last: bool,
 ) -> StageReport:
     epochs = stage_epochs(cfg, stage)
     log.info("stage %s: %d epochs, training %s", stage.name, epochs, ", ".join(stage.trainable))
-    module = StageModule(method, stage, channels_last=bool(cfg.trainer.channels_last))
+    module = StageModule(method, stage, channels_last=channels_last)
     trainer = _trainer(cfg, run_dir, epochs, stage.name, validate=stage.selection != "last")
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -199,7 +257,11 @@ def _calibrate(
 
 
 def _validate(
-    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
+    cfg: DictConfig,
+    method: Method,
+    datamodule: AnomalyDataModule,
+    run_dir: Path,
+    channels_last: bool,
 ) -> dict[str, Any]:
     """Metrics on held-out normal images and their synthetic-anomaly copies (no test image):
     what a hyper-parameter search may optimise."""
@@ -212,9 +274,7 @@ def _validate(
         int(validation.seed),
     )
     log.info("validation on %d held-out images + synthetic anomalies", len(dataset) // 2)
-    module = StageModule(
-        method, metrics=_metrics(None), channels_last=bool(cfg.trainer.channels_last)
-    )
+    module = StageModule(method, metrics=_metrics(None), channels_last=channels_last)
     loader = DataLoader(dataset, batch_size=int(cfg.trainer.eval_batch_size), shuffle=False)
     _trainer(cfg, run_dir, 1, "validation").test(module, loader, verbose=False)
     values: dict[str, Any] = {}
@@ -246,12 +306,13 @@ def _test(
     datamodule: AnomalyDataModule,
     splits: DatasetSplits,
     run_dir: Path,
+    channels_last: bool,
 ) -> tuple[dict[str, float], dict[str, Any], list[dict], float]:
     module = StageModule(
         method,
         metrics=_metrics(splits),
         keep_examples=int(cfg.examples),
-        channels_last=bool(cfg.trainer.channels_last),
+        channels_last=channels_last,
     )
     trainer = _trainer(cfg, run_dir, 1, "test")
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -322,6 +383,15 @@ def _is_extra_metric(name: str) -> bool:
     return name not in ("image_auroc", "pixel_auroc", "pro") and not name.endswith("_error_bound")
 
 
+def _speed_rows(speed: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not speed:
+        return []
+    return [
+        ("ms/img at batch 1", f"{speed['ms_per_image_batch1']:.1f}"),
+        (f"img/s at batch {speed['batch_size']}", f"{speed['images_per_s_batch32']:.1f}"),
+    ]
+
+
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
     """A short metrics table on stdout."""
     m = record["metrics"]
@@ -334,6 +404,7 @@ def print_summary(record: dict[str, Any], run_dir: Path) -> None:
         *((name, f"{value:.4f}") for name, value in m.items() if _is_extra_metric(name)),
         ("train seconds", f"{sum(record['train_seconds'].values()):.1f}"),
         ("inference ms/img", f"{record['inference_ms_per_image']:.1f}"),
+        *_speed_rows(record.get("inference")),
         ("record", str(run_dir / RECORD_NAME)),
     ]
     width = max(len(k) for k, _ in rows)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stad.data.images import as_hw, check_mask_size, load_mask, load_rgb, read_image_size
+from stad.data.images import (
+    DecodeCache,
+    as_hw,
+    check_mask_size,
+    load_mask,
+    load_rgb,
+    read_image_size,
+)
 from stad.errors import DatasetError
 
 # Decoding threads: PIL releases the GIL while decoding and resizing, so threads scale on
@@ -28,6 +37,22 @@ from stad.errors import DatasetError
 _MAX_DECODE_THREADS = 8
 # Files named per problem in a warning; the rest are counted.
 _MAX_LISTED = 5
+
+
+# The decode cache of the current run (``decode_cache`` in the config), for every dataset the
+# readers build inside :func:`decode_cache`; readers need no parameter for it.
+_RUN_DECODE_CACHE: ContextVar[str | Path | None] = ContextVar("stad_decode_cache", default=None)
+
+
+@contextmanager
+def decode_cache(folder: str | Path | None) -> Iterator[None]:
+    """Datasets built inside this block keep decoded, resized images in ``folder`` across runs
+    (None: decode from the files every time)."""
+    token = _RUN_DECODE_CACHE.set(folder)
+    try:
+        yield
+    finally:
+        _RUN_DECODE_CACHE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -97,17 +122,26 @@ class AnomalyDataset(Dataset):
         samples: The files, in the order they are served.
         image_size: Output size, one int (square) or ``(height, width)``.
         preload: Decode everything now (True) or on access (False).
+        cache: A :class:`~stad.data.images.DecodeCache` (or its folder) that keeps decoded,
+            resized arrays across runs, or None to decode from the files every time.
 
     Raises:
         DatasetError: A file is missing or unreadable, or a mask's size differs from its image's.
     """
 
     def __init__(
-        self, samples: Sequence[Sample], image_size: int | Sequence[int], preload: bool = True
+        self,
+        samples: Sequence[Sample],
+        image_size: int | Sequence[int],
+        preload: bool = True,
+        cache: DecodeCache | str | Path | None = None,
     ) -> None:
         self.samples: list[Sample] = list(samples)
         self.image_size: tuple[int, int] = as_hw(image_size)
         self.preload = preload
+        if cache is None:
+            cache = _RUN_DECODE_CACHE.get()
+        self.cache = DecodeCache(cache) if isinstance(cache, str | Path) else cache
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
         if preload:
@@ -139,7 +173,20 @@ class AnomalyDataset(Dataset):
 
     def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int | None]:
         """Decode one sample: image uint8 (3, H, W), mask uint8 (H, W) in {0, 1}, and the mask's
-        anomalous pixel count at the original resolution (None without a mask)."""
+        anomalous pixel count at the original resolution (None without a mask); through the
+        decode cache when there is one."""
+        if self.cache is None:
+            return self._decode_files(sample)
+        key = self.cache.key(sample.image_path, sample.mask_path, self.image_size)
+        cached = self.cache.load(key, self.image_size) if key is not None else None
+        if cached is not None:
+            return cached
+        decoded = self._decode_files(sample)
+        if key is not None:
+            self.cache.store(key, *decoded)
+        return decoded
+
+    def _decode_files(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int | None]:
         image, original_size = load_rgb(sample.image_path, self.image_size)
         chw = np.ascontiguousarray(image.transpose(2, 0, 1))
         if sample.mask_path is None:

@@ -4,10 +4,18 @@ Images are resized with antialiased bilinear interpolation and never cropped (im
 crops shifted heat maps against masks in peer projects). Masks are binarised with ``> 0`` at their
 original resolution, then resized with nearest-neighbour sampling so they stay binary.
 Every decoding failure becomes a :class:`~stad.errors.DatasetError` naming the file.
+:class:`DecodeCache` keeps decoded, resized arrays on disk so later runs skip decoding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+import zipfile
 from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
@@ -236,3 +244,97 @@ def load_mask(
     check_mask_size(path, img.size, image_path, image_size)
     binary = binarise_mask(img)
     return resize_mask(binary, size_hw), int(binary.sum())
+
+
+class DecodeCache:
+    """Decoded and resized images and masks on disk, shared by every run (a sweep decodes once).
+
+    One ``.npz`` per sample (uint8 image (3, H, W), uint8 mask (H, W), the mask's anomalous
+    pixel count at the original resolution) under ``folder/<2 hex>/<sha256>.npz``. The name
+    hashes everything the decoded arrays depend on: the resolved image and mask paths, their
+    sizes and modification times (nanoseconds), the target size and the decoding version, so an
+    edited source file or another image size is a miss, never a stale hit. Unreadable entries are
+    misses and get rewritten; a cache that cannot be written only costs its speed-up (one
+    warning). Old entries are never deleted: remove the folder to reclaim the space.
+
+    Args:
+        folder: the cache folder, e.g. ``${STAD_CACHE:-~/.cache/stad}/decoded``.
+
+    Attributes:
+        hits, misses: lookups answered from disk / decoded (tests and the run record use them).
+    """
+
+    #: Bump when decoding or resizing changes: every older entry then misses.
+    VERSION = 1
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).expanduser()
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def key(self, image_path: Path, mask_path: Path | None, size_hw: tuple[int, int]) -> str | None:
+        """The entry name of a sample, or None when a source file cannot be stat'ed (decoding
+        then raises the usual DatasetError)."""
+        try:
+            sources = [_identity(image_path), _identity(mask_path) if mask_path else None]
+        except OSError:
+            return None
+        text = json.dumps([self.VERSION, list(size_hw), sources])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npz"
+
+    def load(
+        self, key: str, size_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, int | None] | None:
+        """The cached ``(image (3, H, W), mask (H, W), pixel count or None)``, or None."""
+        try:
+            with np.load(self._path(key), allow_pickle=False) as entry:
+                image, mask = entry["image"], entry["mask"]
+                count = int(entry["n_pixels"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            self._count(hit=False)
+            return None
+        if image.shape != (3, *size_hw) or mask.shape != size_hw or image.dtype != np.uint8:
+            self._count(hit=False)
+            return None
+        self._count(hit=True)
+        return image, mask, (None if count < 0 else count)
+
+    def store(self, key: str, image: np.ndarray, mask: np.ndarray, n_pixels: int | None) -> None:
+        """Write an entry atomically (a temporary file renamed into place)."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                np.savez(
+                    f,
+                    image=image,
+                    mask=mask,
+                    n_pixels=np.int64(-1 if n_pixels is None else n_pixels),
+                )
+            os.replace(f.name, path)
+        except OSError as err:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"Cannot write the decode cache in {self.folder} ({err}); images are decoded "
+                    "every run. Set STAD_CACHE to a writable folder to speed up later runs.",
+                    stacklevel=2,
+                )
+
+    def _count(self, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
+
+def _identity(path: Path) -> list[object]:
+    """What identifies a file's content cheaply: resolved path, size, mtime in nanoseconds."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]

@@ -10,17 +10,26 @@ from torch import Tensor, nn
 
 from stad.backbones import FeatureExtractor, WeightsInfo, create_feature_extractor
 from stad.core import Batch, Features, Student, Teacher
+from stad.feature_cache import CachedFeatures
 
 
 class BackboneTeacher(Teacher):
-    """A frozen pretrained feature extractor: the teacher of STFPM, RD, DSKD."""
+    """A frozen pretrained feature extractor: the teacher of STFPM, RD, DSKD.
 
-    def __init__(self, extractor: FeatureExtractor) -> None:
+    With ``cache``, the features of each training image are computed in its first epoch and
+    reused afterwards (the papers train on un-augmented images, so a frozen teacher gives the
+    same features every epoch); evaluation (inference mode) always runs the extractor.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, cache: CachedFeatures | None = None) -> None:
         super().__init__()
         self.extractor = extractor
+        self.cache = cache
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> Features:
+        if self.cache is not None and not torch.is_inference_mode_enabled():
+            return self.cache(batch["image"], batch.get("path"))
         return self.extractor(batch["image"])
 
 
@@ -36,11 +45,13 @@ class BackboneStudent(Student):
 
 
 def pretrained_teacher(
-    name: str, layers: Sequence[int], weights: str
+    name: str, layers: Sequence[int], weights: str, cache: bool = False
 ) -> tuple[BackboneTeacher, WeightsInfo]:
-    """A frozen teacher from a backbone config (the weights' source goes to the run record)."""
+    """A frozen teacher from a backbone config (the weights' source goes to the run record);
+    ``cache`` keeps each training image's features in memory after its first epoch."""
     extractor, info = create_feature_extractor(name, layers, weights, frozen=True)
-    return BackboneTeacher(extractor), info
+    key = f"{name}:{weights}:{list(layers)}"
+    return BackboneTeacher(extractor, CachedFeatures(extractor, key) if cache else None), info
 
 
 def squared_distance(t: Tensor, s: Tensor) -> Tensor:

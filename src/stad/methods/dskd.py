@@ -101,7 +101,9 @@ def dual_student_loss(method: Method, batch: Batch, lam: float, power: float) ->
 def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     """DSKD from ``conf/method/dskd.yaml`` and a backbone config."""
     layers = list(cfg.layers)
-    teacher, weights = pretrained_teacher(backbone.name, layers, backbone.weights)
+    teacher, weights = pretrained_teacher(
+        backbone.name, layers, backbone.weights, cache=bool(cfg.get("feature_cache", False))
+    )
     channels, strides = teacher.extractor.channels, teacher.extractor.strides
     layout = resnet_layout(backbone.name)
     encoder, _ = create_feature_extractor(backbone.name, layers, "random")

@@ -110,7 +110,9 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
             "'position' (paper text)"
         )
     layers = list(cfg.layers)
-    teacher, weights = pretrained_teacher(backbone.name, layers, backbone.weights)
+    teacher, weights = pretrained_teacher(
+        backbone.name, layers, backbone.weights, cache=bool(cfg.get("feature_cache", False))
+    )
     layout = resnet_layout(backbone.name)
     extractor = teacher.extractor
     student = reverse_student(extractor.channels, extractor.strides, layout)

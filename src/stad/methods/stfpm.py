@@ -76,7 +76,9 @@ def held_out_score(method: Method, batch: Batch) -> dict[str, Tensor]:
 def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     """STFPM from ``conf/method/stfpm.yaml`` and a backbone config."""
     layers = list(cfg.layers)
-    teacher, weights = pretrained_teacher(backbone.name, layers, backbone.weights)
+    teacher, weights = pretrained_teacher(
+        backbone.name, layers, backbone.weights, cache=bool(cfg.get("feature_cache", False))
+    )
     student_net, _ = create_feature_extractor(backbone.name, layers, "random")
     scorer = FeaturePyramidScorer(cfg.scorer.level_size, cfg.scorer.reduction)
     stage = Stage.from_config(

@@ -31,6 +31,8 @@ the error this causes is bounded from the histograms themselves (:func:`area_fro
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.ndimage
 import torch
@@ -48,8 +50,10 @@ __all__ = [
     "binary_auroc",
     "check_fpr_limit",
     "check_num_bits",
+    "histogram_has_nan",
     "label_regions",
     "monotone_key",
+    "nan_bin_ranges",
     "pro_from_histograms",
     "pro_from_scores",
     "score_bins",
@@ -117,9 +121,54 @@ def score_bins(scores: Tensor, num_bits: int = DEFAULT_NUM_BITS) -> Tensor:
     Returns:
         int32 tensor of the same shape, non-decreasing with the score.
     """
+    # monotone_key's steps in place on one fresh int32 tensor: this runs on every test pixel,
+    # and each temporary of a 2M-pixel batch costs a page-faulting allocation (4x slower).
+    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
+    flip = bits >> 31
+    flip &= 0x7FFFFFFF
+    bits ^= flip
+    del flip
     # Arithmetic shift of the signed key is a floor division, so order is kept; the offset
     # moves the range from [-2**(K-1), 2**(K-1)) to [0, 2**K).
-    return (monotone_key(scores) >> (32 - num_bits)) + (1 << (num_bits - 1))
+    bits >>= 32 - num_bits
+    bits += 1 << (num_bits - 1)
+    return bits
+
+
+@functools.cache
+def nan_bin_ranges(num_bits: int = DEFAULT_NUM_BITS) -> tuple[int, int]:
+    """Bins of -inf and +inf: bins below the first and above the second hold only NaN.
+
+    The two infinity bins themselves also hold the NaN bit patterns next to infinity, so a
+    count there needs an exact ``isnan`` check (see :func:`histogram_has_nan`).
+
+    Returns:
+        ``(bin of -inf, bin of +inf)``.
+    """
+    infs = torch.tensor([float("-inf"), float("inf")])
+    low, high = score_bins(infs, num_bits).tolist()
+    return int(low), int(high)
+
+
+def histogram_has_nan(hist: Tensor, scores: Tensor, num_bits: int = DEFAULT_NUM_BITS) -> bool:
+    """Whether ``scores`` hold a NaN, read from their histogram of bins where possible.
+
+    One look at the histogram's outermost bins instead of a pass over every pixel; only when a
+    score lies in an infinity bin (rare) does it fall back to ``torch.isnan`` on the scores.
+
+    Args:
+        hist: ``(2 ** num_bits,)`` counts of :func:`score_bins` of ``scores``.
+        scores: the scores themselves (any shape).
+        num_bits: as in :func:`score_bins`.
+    """
+    low, high = nan_bin_ranges(num_bits)
+    # One device sync for both counts.
+    nan_only, at_infinity = torch.stack(
+        [hist[:low].sum() + hist[high + 1 :].sum(), hist[low] + hist[high]]
+    ).tolist()
+    if nan_only:
+        return True
+    return bool(at_infinity and torch.isnan(scores).any())
 
 
 def bin_lower_edges(num_bits: int = DEFAULT_NUM_BITS, device: torch.device | None = None) -> Tensor:
@@ -143,11 +192,6 @@ def bin_lower_edges(num_bits: int = DEFAULT_NUM_BITS, device: torch.device | Non
 # Ground-truth regions
 # ----------------------------------------------------------------------------------------------
 
-# 8-connectivity inside each image, no connection across the batch axis: one scipy call labels a
-# whole batch with ids that are unique over the batch.
-_BATCH_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
-_BATCH_STRUCTURE[1] = True
-
 
 def label_regions(masks: Tensor) -> tuple[Tensor, int]:
     """Weight of every anomalous pixel: 1 / area of its 8-connected ground-truth region.
@@ -163,13 +207,46 @@ def label_regions(masks: Tensor) -> tuple[Tensor, int]:
         ``masks.nonzero()`` (the order of ``x[masks]``); num_regions is the number of regions.
     """
     mask_np = masks.detach().to("cpu", torch.bool).numpy()
-    labels, num_regions = scipy.ndimage.label(mask_np, structure=_BATCH_STRUCTURE)
-    if num_regions == 0:
+    rows = _anomalous_rows(mask_np)
+    if rows.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=masks.device), 0
-    region_of_pixel = labels[mask_np]
+    labels, num_regions = scipy.ndimage.label(rows, structure=_ROW_STRUCTURE)
+    region_of_pixel = labels[rows]
     areas = np.bincount(region_of_pixel, minlength=num_regions + 1).astype(np.float64)
     weights = 1.0 / areas[region_of_pixel]
     return torch.from_numpy(weights).to(masks.device), int(num_regions)
+
+
+_ROW_STRUCTURE = np.ones((3, 3), dtype=bool)
+
+
+def _anomalous_rows(mask: np.ndarray) -> np.ndarray:
+    """The rows of a (B, H, W) mask that hold anomalous pixels, stacked into one 2-D image.
+
+    A region never crosses an all-zero row, so labelling only the non-empty rows, with one zero
+    row wherever rows were skipped or a new image begins, gives the same regions as labelling
+    every image, in the same pixel order (row-major, image by image), at the cost of the
+    anomalous rows only (about 1/10 of a typical test set's pixels).
+
+    Returns:
+        bool array (R, W).
+    """
+    n, height, width = mask.shape
+    flat = np.ascontiguousarray(mask).reshape(n * height, width)
+    # With whole uint64 words per row, test 8 pixels per word.
+    words = flat.view(np.uint64) if width % 8 == 0 else flat
+    busy = words.any(axis=1)
+    kept = np.flatnonzero(busy)
+    if kept.size == 0:
+        return np.zeros((0, width), dtype=bool)
+    # A separator before each kept row that does not directly continue the previous kept row
+    # of the same image.
+    gap = np.ones(kept.size, dtype=bool)
+    gap[1:] = (np.diff(kept) != 1) | (kept[1:] % height == 0)
+    gap[0] = False
+    out = np.zeros((kept.size + int(gap.sum()), width), dtype=bool)
+    out[np.arange(kept.size) + np.cumsum(gap)] = flat[kept]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -243,6 +243,29 @@ class AnomalyDataset(Dataset):
             check_mask_size(sample.mask_path, mask_size, sample.image_path, image_size)
 
 
+def split_summary(
+    dataset: str,
+    category: object,
+    root: str | Path,
+    train: Sequence[Sample],
+    test: Sequence[Sample],
+    image_size: Sequence[int],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``info`` of a dataset's splits for the run record: where, how many, which defects."""
+    return {
+        "dataset": dataset,
+        "category": str(category),
+        "root": str(Path(root).expanduser()),
+        **extra,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_test_anomalous": sum(s.label for s in test),
+        "defects": sorted({s.defect for s in test if s.label == 1}),
+        "image_size": list(image_size),
+    }
+
+
 def list_few(items: Sequence[object], limit: int = _MAX_LISTED) -> str:
     """The first ``limit`` items joined by commas, then how many more there are (for messages)."""
     listed = ", ".join(str(item) for item in items[:limit])

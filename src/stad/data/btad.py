@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few
+from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few, split_summary
 from stad.data.check import LayoutReport, list_required, match_by_key
 from stad.data.images import as_hw, list_subfolders
 from stad.data.mvtec import NORMAL, category_dir_of
@@ -116,14 +116,5 @@ def build_btad(
         train=AnomalyDataset(train, size_hw, preload=preload),
         test=AnomalyDataset(test, size_hw, preload=preload),
     )
-    splits.info = {
-        "dataset": "btad",
-        "category": str(category),
-        "root": str(Path(root).expanduser()),
-        "n_train": len(train),
-        "n_test": len(test),
-        "n_test_anomalous": sum(s.label for s in test),
-        "defects": ["ko"],
-        "image_size": list(size_hw),
-    }
+    splits.info = split_summary("btad", category, root, train, test, size_hw)
     return splits

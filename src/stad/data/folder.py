@@ -22,7 +22,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few
+from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few, split_summary
 from stad.data.check import LayoutReport, list_required, match_by_key
 from stad.data.images import as_hw, list_images, list_subfolders
 from stad.data.mvtec import NORMAL
@@ -240,15 +240,6 @@ def build_folder(
         train=AnomalyDataset(train, size_hw, preload=preload),
         test=AnomalyDataset(test, size_hw, preload=preload),
     )
-    splits.info = {
-        "dataset": "folder",
-        "category": category,
-        "root": str(Path(root).expanduser()),
-        "masks": mask_dir is not None,
-        "n_train": len(train),
-        "n_test": len(test),
-        "n_test_anomalous": sum(s.label for s in test),
-        "defects": sorted({s.defect for s in test if s.label == 1}),
-        "image_size": list(size_hw),
-    }
+    masks = mask_dir is not None
+    splits.info = split_summary("folder", category, root, train, test, size_hw, masks=masks)
     return splits

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few
+from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few, split_summary
 from stad.data.check import LayoutReport, match_by_key
 from stad.data.images import (
     as_hw,
@@ -287,18 +287,16 @@ def build_mtd(
         return MTDDataset(samples, size_hw, mask_threshold=mask_threshold, preload=preload)
 
     splits = DatasetSplits(train=dataset(train), test=dataset(test))
-    splits.info = {
-        "dataset": "mtd",
-        "category": MTD_CATEGORY,
-        "root": str(Path(root).expanduser()),
-        "train_fraction": float(train_fraction),
-        "split_seed": int(seed),
-        "split_digest": split_digest([s.image_path for s in train]),
-        "mask_threshold": int(mask_threshold),
-        "n_train": len(train),
-        "n_test": len(test),
-        "n_test_anomalous": sum(s.label for s in test),
-        "defects": sorted({s.defect for s in test} - {NORMAL}),
-        "image_size": list(size_hw),
-    }
+    splits.info = split_summary(
+        "mtd",
+        MTD_CATEGORY,
+        root,
+        train,
+        test,
+        size_hw,
+        train_fraction=float(train_fraction),
+        split_seed=int(seed),
+        split_digest=split_digest([s.image_path for s in train]),
+        mask_threshold=int(mask_threshold),
+    )
     return splits

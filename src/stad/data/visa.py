@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few
+from stad.data.base import AnomalyDataset, DatasetSplits, Sample, list_few, split_summary
 from stad.data.check import LayoutReport
 from stad.data.images import as_hw, is_image_file, list_images, list_subfolders
 from stad.data.mvtec import NORMAL
@@ -301,15 +301,6 @@ def build_visa(
         train=AnomalyDataset(train, size_hw, preload=preload),
         test=AnomalyDataset(test, size_hw, preload=preload),
     )
-    splits.info = {
-        "dataset": "visa",
-        "category": category,
-        "root": str(Path(root).expanduser()),
-        "split_file": str(split_file or SPLIT_FILE),
-        "n_train": len(train),
-        "n_test": len(test),
-        "n_test_anomalous": sum(s.label for s in test),
-        "defects": sorted({s.defect for s in test} - {NORMAL}),
-        "image_size": list(size_hw),
-    }
+    split = str(split_file or SPLIT_FILE)
+    splits.info = split_summary("visa", category, root, train, test, size_hw, split_file=split)
     return splits

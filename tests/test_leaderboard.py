@@ -30,7 +30,12 @@ def _record(
         "seed": seed,
         "output_root": "outputs",
         "dataset": {"name": dataset, "category": category, "root": "/data"},
-        "method": {"name": method, "lr": lr, "cache_key": f"{dataset}/{category}"},
+        "method": {
+            "name": method,
+            "lr": lr,
+            "cache_key": f"{dataset}/{category}",
+            "seed": seed,  # e.g. method.seed: ${seed}
+        },
         "backbone": {"name": "resnet18"},
     }
     image, pixel, pro = metrics
@@ -93,7 +98,8 @@ def test_one_row_per_experiment_with_mean_and_std_over_seeds_and_a_dataset_mean(
     assert float(mean["image_auroc_std"]) == pytest.approx(statistics.stdev(per_seed))
     assert mean["n_categories"] == "2"
     assert "pro_error_bound" not in bottle
-    assert all(r["params"] == "" for r in rows.values())  # cache_key follows the category
+    # cache_key follows the category, method.seed the seed: neither is a swept parameter
+    assert all(r["params"] == "" for r in rows.values())
 
 
 def test_swept_parameters_and_code_revisions_are_never_averaged_together(tmp_path, capsys):

@@ -154,7 +154,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # -- grouping ---------------------------------------------------------------------------------
 def swept_params(runs: Sequence[Run]) -> set[str]:
     """Config keys whose value differs between runs of the same dataset, category, method and
-    backbone (so values that merely follow the category, like a cache key, are not params)."""
+    backbone (so values that merely follow the category, like a cache key, are not params),
+    other than keys that merely repeat the seed."""
     cells: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         r = run.record
@@ -165,7 +166,12 @@ def swept_params(runs: Sequence[Run]) -> set[str]:
         for key in keys - NOT_PARAMS:
             if len({repr(run.config.get(key)) for run in group}) > 1:
                 varying.add(key)
-    return varying
+    return {key for key in varying if not _follows_seed(key, runs)}
+
+
+def _follows_seed(key: str, runs: Sequence[Run]) -> bool:
+    """A key set to the run's seed everywhere (e.g. ``method.seed: ${seed}``) is the seed."""
+    return all(run.config.get(key) == run.config.get("seed") for run in runs if key in run.config)
 
 
 def _params_text(run: Run, varying: set[str]) -> str:

@@ -67,20 +67,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if channels_last:
         method.to(memory_format=torch.channels_last)
     _note_backbone_choice(cfg)
-    needs_val = method.calibration is not None or any(
-        s.selection == "min_val_loss" for s in method.stages
-    )
-    validation = cfg.get("validation") or {}
-    synthetic_validation = bool(validation.get("enabled")) or bool(cfg.get("objective"))
-    val_fraction = float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0
-    if synthetic_validation and val_fraction == 0.0:
-        val_fraction = float(validation.get("val_fraction", 0.2))
+    synthetic_validation = wants_synthetic_validation(cfg)
     datamodule = AnomalyDataModule(
         splits,
         batch_size=int(cfg.trainer.batch_size or cfg.method.batch_size),
         eval_batch_size=int(cfg.trainer.eval_batch_size),
         num_workers=int(cfg.trainer.num_workers),
-        val_fraction=val_fraction,
+        val_fraction=held_out_fraction(cfg, method),
         seed=int(cfg.seed),
     )
     reports = [
@@ -104,6 +97,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_record(run_dir, record)
     print_summary(record, run_dir)
     return record
+
+
+def wants_synthetic_validation(cfg: DictConfig) -> bool:
+    """Whether the run also evaluates the synthetic-anomaly validation set (an objective)."""
+    validation = cfg.get("validation") or {}
+    return bool(validation.get("enabled")) or bool(cfg.get("objective"))
+
+
+def held_out_fraction(cfg: DictConfig, method: Method) -> float:
+    """Share of the training images held out as normal validation images: the method's own
+    ``val_fraction`` when it selects weights or fits statistics on them, else the synthetic
+    validation set's when one is wanted, else none."""
+    needs_val = method.calibration is not None or any(
+        s.selection == "min_val_loss" for s in method.stages
+    )
+    fraction = float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0
+    if fraction == 0.0 and wants_synthetic_validation(cfg):
+        fraction = float(cfg.validation.get("val_fraction", 0.2))
+    return fraction
 
 
 def check_inputs(method: Method, splits: DatasetSplits, cfg: DictConfig) -> None:

@@ -43,13 +43,15 @@ class _PeerAsMethod(torch.nn.Module):
         return self.model(batch["image"])
 
 
-def _stad_method(name: str, backbone: str | None, device: torch.device) -> Method:
-    overrides = [f"method={name}", "backbone.weights=random"]
+def _stad_method(name: str, backbone: str | None, device: torch.device) -> tuple[Method, str]:
+    # dataset=mvtec: backbone=auto then resolves to the method's paper backbone (the generated
+    # dataset's default would pick the offline EfficientNet-Lite0); no data is read.
+    overrides = [f"method={name}", "dataset=mvtec", "backbone.weights=random"]
     if backbone:
         overrides.insert(1, f"backbone={backbone}")
     with initialize_config_module("stad.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    return build_method(cfg.method, cfg.backbone).to(device)
+    return build_method(cfg.method, cfg.backbone).to(device), str(cfg.backbone.name)
 
 
 def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[str, Any]]:
@@ -68,12 +70,11 @@ def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[s
     batch = {"image": torch.rand(4, 3, size, size, device=device)}
     batch.update(_extras(batch["image"]))
     try:
-        method = _stad_method(name, args.backbone, device)
+        method, backbone = _stad_method(name, args.backbone, device)
         if args.channels_last:
             method = method.to(memory_format=torch.channels_last)
     except Exception as err:  # a method that cannot be built here: report, go on
         return [{**common, "side": "stad", "error": f"{type(err).__name__}: {err}"[:200]}]
-    backbone = training_speed.SETTINGS[name]["backbone"] if paper else (args.backbone or "paper")
     peer_model = _PeerAsMethod(training_speed.peer_model(name, size)) if peer and paper else None
     if peer_model is not None:
         peer_model = peer_model.to(device)

@@ -73,7 +73,12 @@ INFERENCE = """\
 `benchmarks/inference_speed.py`, with `stad.timing.measure_inference` (the function the run
 records these numbers with): eval mode, no gradients, warm-up calls, medians, accelerator
 synchronised. anomalib's STFPM / RD torch models (maps + scores) are timed the same way,
-alternating with stad's.
+alternating with stad's. Every stad method on its paper backbone (random weights); one
+repetition each on an idle 2-core CPU (`--repeats 1 --calls 2 --budget 5`), so single-digit
+percentages are noise: inference is on par with anomalib here (the same networks; stad's maps
+add a Gaussian blur for RD). Uninformed Students is not in this table: building it pretrains
+its teachers; its dense inference is timed by `benchmarks/us_dense_speed.py` (12–29 s per
+256-px image per scale network on one thread, docs/results.md).
 """
 
 CHANGES = """\

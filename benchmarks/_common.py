@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +98,19 @@ def sync(device: torch.device) -> None:
     """Wait for queued accelerator work before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def run_and_write(
+    args: Any,
+    bench_method: Callable[[str, Any, bool], list[dict[str, Any]]],
+    columns: Sequence[str],
+) -> None:
+    """Run ``bench_method`` for every ``args.methods`` (with anomalib beside where installed),
+    print the table and write ``args.csv``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peer = anomalib_version() is not None
+    rows = [row for name in args.methods for row in bench_method(name, args, peer)]
+    print(f"{rows[0]['device']}; torch {torch.__version__}; anomalib {anomalib_version()}")
+    print_table(rows, columns)
+    write_csv(args.csv, rows)

@@ -160,14 +160,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--csv", type=Path, default=_common.RESULTS / "inference_speed.csv")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    peer = _common.anomalib_version() is not None
-    rows = [row for name in args.methods for row in bench_method(name, args, peer)]
-    print(f"{rows[0]['device']}; torch {torch.__version__}; anomalib {_common.anomalib_version()}")
-    _common.print_table(rows, COLUMNS)
-    _common.write_csv(args.csv, rows)
+    _common.run_and_write(parser.parse_args(), bench_method, COLUMNS)
 
 
 if __name__ == "__main__":

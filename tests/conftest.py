@@ -60,3 +60,17 @@ def random_batch(n: int = 2, size: int = 64) -> dict:
         "mask": torch.zeros(n, 1, size, size),
         "label": torch.zeros(n, dtype=torch.long),
     }
+
+
+def assert_steps_lower_the_loss(method, loss, optimizer, batch, steps: int = 3) -> None:
+    """A few optimizer steps on one batch lower ``loss(method, batch)["loss"]`` and leave every
+    teacher parameter exactly as it was."""
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    before = loss(method, batch)["loss"]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss(method, batch)["loss"].backward()
+        optimizer.step()
+    assert loss(method, batch)["loss"] < before
+    after = method.teacher.parameters()
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, after, strict=True))

@@ -3,7 +3,7 @@ the joint loss, one optimisation step, config composition, and detection end to 
 
 import pytest
 import torch
-from conftest import E2E_TRAINING, compose_config, random_batch
+from conftest import E2E_TRAINING, assert_steps_lower_the_loss, compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -83,17 +83,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_students(tiny_
     stage = method.stages[0]
     StageModule(method, stage).train()
     opt = stage.optimizer(list(stage_parameters(method, stage)))
-    teacher_before = [p.clone() for p in method.teacher.parameters()]
-    batch = random_batch(n=4)
-    before = stage.loss(method, batch)["loss"]
-    for _ in range(3):
-        opt.zero_grad()
-        stage.loss(method, batch)["loss"].backward()
-        opt.step()
-    assert stage.loss(method, batch)["loss"] < before
-    assert all(
-        torch.equal(a, b) for a, b in zip(teacher_before, method.teacher.parameters(), strict=True)
-    )
+    assert_steps_lower_the_loss(method, stage.loss, opt, random_batch(n=4))
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))

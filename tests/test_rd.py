@@ -4,7 +4,7 @@ config composition, and detection end to end on the generated dataset."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import E2E_TRAINING, compose_config, random_batch
+from conftest import E2E_TRAINING, assert_steps_lower_the_loss, compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -90,17 +90,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_c
     module.train()
     assert not method.teacher.extractor.training and method.student.training
     opt = stage.optimizer(list(stage_parameters(method, stage)))
-    teacher_before = [p.clone() for p in method.teacher.parameters()]
-    batch = random_batch(n=4)
-    before = stage.loss(method, batch)["loss"]
-    for _ in range(3):
-        opt.zero_grad()
-        stage.loss(method, batch)["loss"].backward()
-        opt.step()
-    assert stage.loss(method, batch)["loss"] < before
-    assert all(
-        torch.equal(a, b) for a, b in zip(teacher_before, method.teacher.parameters(), strict=True)
-    )
+    assert_steps_lower_the_loss(method, stage.loss, opt, random_batch(n=4))
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))

@@ -1,7 +1,7 @@
 """STFPM: shapes of every level, the loss, one optimisation step, and detection end to end."""
 
 import torch
-from conftest import E2E_TRAINING, random_batch
+from conftest import E2E_TRAINING, assert_steps_lower_the_loss, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method
@@ -59,17 +59,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_c
     module = StageModule(method, stage)
     module.train()
     opt = torch.optim.SGD(stage_parameters(method, stage), lr=0.4, momentum=0.9)
-    teacher_before = [p.clone() for p in method.teacher.parameters()]
-    batch = random_batch(n=4)
-    before = pyramid_loss(method, batch)["loss"]
-    for _ in range(3):
-        opt.zero_grad()
-        pyramid_loss(method, batch)["loss"].backward()
-        opt.step()
-    assert pyramid_loss(method, batch)["loss"] < before
-    assert all(
-        torch.equal(a, b) for a, b in zip(teacher_before, method.teacher.parameters(), strict=True)
-    )
+    assert_steps_lower_the_loss(method, pyramid_loss, opt, random_batch(n=4))
 
 
 def test_stfpm_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, random_batch
+from conftest import assert_steps_lower_the_loss, compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method, us
@@ -138,15 +138,7 @@ def test_descriptor_statistics_normalise_and_one_student_step_lowers_the_loss(us
     stage = method.stages[2]
     StageModule(method, stage).train()
     opt = stage.optimizer(list(stage_parameters(method, stage)))
-    teacher_before = [p.clone() for p in method.teacher.parameters()]
-    before = stage.loss(method, batch)["loss"]
-    for _ in range(3):
-        opt.zero_grad()
-        stage.loss(method, batch)["loss"].backward()
-        opt.step()
-    assert stage.loss(method, batch)["loss"] < before
-    after = method.teacher.parameters()
-    assert all(torch.equal(a, b) for a, b in zip(teacher_before, after, strict=True))
+    assert_steps_lower_the_loss(method, stage.loss, opt, batch)
 
 
 def test_config_composes_the_papers_defaults():

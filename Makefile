@@ -31,8 +31,9 @@ format: install-test
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Two pytest workers on the CI's two cores, one thread each (more threads only thrash).
 test: lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 # Ours vs anomalib side by side on this machine; writes benchmarks/results/*.csv and
 # docs/performance.md. On a small CPU: make bench BENCH_ARGS="--rd-image-size 128"

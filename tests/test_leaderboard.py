@@ -202,3 +202,167 @@ def test_module_and_console_entry_points(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("dataset,category,method,backbone,params,revision,image_auroc")
     assert json.loads((tmp_path / "a" / RECORD_NAME).read_text())["method"] == "stfpm"
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _plot_runs(root: Path) -> None:
+    """Two methods × two categories × two seeds; one method also reports sPRO."""
+    for method in ("rd", "stfpm"):
+        for category in ("bottle", "cable"):
+            for seed in (0, 1):
+                base = 0.9 if method == "rd" else 0.8
+                shift = 0.02 * seed + (0.05 if category == "cable" else 0.0)
+                record = _record(
+                    method=method,
+                    category=category,
+                    seed=seed,
+                    metrics=(base + shift, base + shift / 2, base - shift),
+                )
+                if method == "rd":
+                    record["metrics"]["spro"] = 0.5 + shift
+                _write(root, f"{method}-{category}-{seed}", record)
+
+
+def test_plot_writes_one_png_per_metric_with_a_bar_group_per_method(tmp_path, capsys):
+    from matplotlib.container import BarContainer, ErrorbarContainer
+    from PIL import Image
+
+    from stad.leaderboard import collect, plot_figure
+
+    runs = tmp_path / "runs"
+    _plot_runs(runs)
+    out = tmp_path / "board.csv"
+    assert main([str(runs), "--out", str(out), "--plot"]) == 0
+    plots = tmp_path / "board_plots"
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == [f"mvtec_{m}.png" for m in ("image_auroc", "pixel_auroc", "pro", "spro")]
+    for path in plots.iterdir():
+        with Image.open(path) as image:
+            image.load()
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+    assert "wrote 4 plots" in capsys.readouterr().err
+
+    board = collect([runs])
+    # Default: one group of bars per method, one bar per category and the mean.
+    ax = plot_figure(board.rows, "image_auroc", "mvtec").axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["rd", "stfpm"]
+    assert [c.get_label() for c in bars] == ["bottle", "cable", "mean"]
+    assert all(len(c.patches) == 2 for c in bars)
+    rd = [round(c.patches[0].get_height(), 6) for c in bars]
+    assert rd == pytest.approx([0.91, 0.96, 0.935])  # rd: means over seeds, then mean
+    # Transposed: one group per category (then the mean), one bar per method.
+    ax = plot_figure(board.rows, "image_auroc", "mvtec", group_by="category").axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [c.get_label() for c in bars] == ["rd", "stfpm"]
+    assert all(len(c.patches) == 3 for c in bars)  # bottle, cable, mean
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bottle", "cable", "mean"]
+    heights = [round(p.get_height(), 6) for p in bars[0].patches]
+    assert heights == pytest.approx([0.91, 0.96, 0.935])
+    assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == 2
+    # sPRO: only rd has it, so the stfpm series is there with empty bars
+    spro = plot_figure(board.rows, "spro", "mvtec", group_by="category").axes[0]
+    spro_bars = [c for c in spro.containers if isinstance(c, BarContainer)]
+    assert [p.get_height() for p in spro_bars[1].patches] == [0.0, 0.0, 0.0]
+
+
+def test_plot_labels_series_by_backbone_only_when_several_and_needs_a_folder(tmp_path, capsys):
+    from matplotlib.container import BarContainer
+
+    from stad.leaderboard import collect, plot_figure
+
+    for seed, backbone in ((0, "resnet18"), (0, "wide_resnet50_2")):
+        record = _record(seed=seed)
+        record["backbone"] = backbone
+        record["config"]["backbone"]["name"] = backbone
+        record["config_hash"] = config_hash(record["config"])
+        _write(tmp_path / "runs", backbone, record)
+    rows = collect([tmp_path / "runs"]).rows
+    ax = plot_figure(rows, "pro", "mvtec", group_by="category").axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [c.get_label() for c in bars] == ["stfpm resnet18", "stfpm wide_resnet50_2"]
+    assert not [c for c in ax.containers if not isinstance(c, BarContainer)]  # one seed
+    # --plot without a folder needs --out to put the plots beside it
+    assert main([str(tmp_path / "runs"), "--plot"]) == 2
+    assert "--plot DIR" in capsys.readouterr().err
+    assert main([str(tmp_path / "runs"), "--plot", str(tmp_path / "figs")]) == 0
+    assert len(list((tmp_path / "figs").glob("*.png"))) == 3
+    assert not list((tmp_path / "figs").glob(".*"))  # no temporary file left
+
+
+# -- failed runs ------------------------------------------------------------------------------
+def _fail(root: Path, name: str, record: dict, error: str = "RuntimeError") -> Path:
+    path = root / name / "failed.json"
+    write_json_atomic(
+        path,
+        {
+            "status": "failed",
+            "reason": f"CUDA out of memory in {name}\nTraceback line",
+            "error": error,
+            **{k: record[k] for k in ("dataset", "category", "method", "backbone", "seed")},
+            "config": record["config"],
+            "config_hash": record["config_hash"],
+            "created": "2026-01-03T00:00:00+00:00",
+        },
+    )
+    return path
+
+
+def test_failed_runs_are_listed_apart_and_never_averaged(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs, "s0", _record(seed=0, metrics=(0.9, 0.9, 0.9)))
+    _write(runs, "s1", _record(seed=1, metrics=(0.8, 0.9, 0.9)))
+    _fail(runs, "s2", _record(seed=2))
+    _fail(runs, "cable", _record(category="cable", seed=0), error="StadError")
+    # retried with success in the same folder: finished
+    _write(runs, "s3", _record(seed=3, metrics=(0.7, 0.9, 0.9)))
+    _fail(runs, "s3", _record(seed=3))
+    # failed once in another folder, then finished elsewhere (same config hash): finished
+    _fail(runs, "s0-first-try", _record(seed=0))
+    out = tmp_path / "board.csv"
+    assert main([str(runs), "--out", str(out)]) == 0
+    rows = {r["category"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"bottle", "mean"}  # the failed cable run makes no row
+    assert rows["bottle"]["seeds"] == "0 1 3"
+    assert float(rows["bottle"]["image_auroc"]) == pytest.approx(0.8)
+    failed = list(csv.DictReader((tmp_path / "board_failed.csv").open()))
+    assert [(f["category"], f["seed"], f["error"]) for f in failed] == [
+        ("cable", "0", "StadError"),
+        ("bottle", "2", "RuntimeError"),
+    ]
+    assert failed[1]["run_dir"] == str(runs / "s2")
+    assert failed[1]["reason"].startswith("CUDA out of memory in s2\n")
+    assert failed[1]["method"] == "stfpm" and failed[1]["backbone"] == "resnet18"
+    assert f"2 failed runs (not in the table): see {tmp_path / 'board_failed.csv'}" in (
+        capsys.readouterr().err
+    )
+    # once they are retried with success, the stale list goes
+    for name, category, seed in (("s2", "bottle", 2), ("cable", "cable", 0)):
+        _write(runs, name, _record(category=category, seed=seed))
+    assert main([str(runs), "--out", str(out)]) == 0
+    assert not (tmp_path / "board_failed.csv").exists()
+    assert "no failed runs" in capsys.readouterr().err
+
+
+def test_failed_runs_on_stderr_when_printing_and_in_the_error_when_nothing_finished(
+    tmp_path, capsys
+):
+    runs = tmp_path / "runs"
+    _write(runs, "ok", _record(seed=0))
+    _fail(runs, "bad", _record(seed=1))
+    (runs / "junk").mkdir()
+    (runs / "junk" / "failed.json").write_text("{not json")
+    table = _table(str(runs))
+    assert [r["n_seeds"] for r in table] == ["1", "1"]
+    err = capsys.readouterr().err
+    assert "2 failed runs (not in the table):" in err
+    assert "mvtec/bottle/stfpm/resnet18 seed 1: RuntimeError: CUDA out of memory in bad (" in err
+    assert "unreadable" in err
+
+    only = tmp_path / "only"
+    _fail(only, "bad", _record(seed=1))
+    out = tmp_path / "board.csv"
+    assert main([str(only), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no run records" in err and "1 runs failed" in err and "CUDA out of memory" in err
+    assert not out.exists() and not (tmp_path / "board_failed.csv").exists()

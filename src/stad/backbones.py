@@ -17,12 +17,14 @@ extractor uses must come from the source (no partial loads). Feature sizes come 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import hashlib
 import importlib.util
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +50,29 @@ LITE_PACKAGES: dict[str, tuple[str, str]] = {
 
 _NESTED_STATE_KEYS = ("state_dict", "model")
 _SHOWN_KEYS = 5
+
+# Set while a saved run is rebuilt: its checkpoint holds every weight, so nothing is read or
+# downloaded for the pretrained parts (they are overwritten right after).
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "stad_weights_from_checkpoint", default=False
+)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Within this block every backbone is built with random weights and a method's other
+    pretrained parts are not fetched: a checkpoint supplies them all."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def loading_checkpoint() -> bool:
+    """Whether a checkpoint is being loaded (see :func:`weights_from_checkpoint`)."""
+    return _WEIGHTS_FROM_CHECKPOINT.get()
+
 
 _FIXES_OFFLINE = (
     "connect to the internet or pre-populate the Hugging Face cache (HF_HOME) with this model; "
@@ -202,7 +227,7 @@ def create_classifier(name: str, weights: str) -> tuple[nn.Module, WeightsInfo]:
         WeightsError: the weights cannot be found or do not fit the model.
     """
     _check_name(name)
-    if weights == TIMM:
+    if weights == TIMM and not loading_checkpoint():
         return _download_hub_classifier(name)
     state, info = resolve_weights(name, weights)
     model = timm.create_model(name, pretrained=False)
@@ -233,7 +258,7 @@ def resolve_weights(name: str, weights: str) -> tuple[dict[str, Tensor] | None, 
             f"backbone.weights={weights!r} for backbone '{name}' is not a weights spec; use "
             f"one of {', '.join(WEIGHT_SPECS)} or a path to a weights file"
         )
-    if weights == RANDOM:
+    if weights == RANDOM or loading_checkpoint():
         return None, WeightsInfo("random", _full_name(name), "", None)
     if weights == TIMM:
         model, info = _download_hub_classifier(name)

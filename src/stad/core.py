@@ -17,7 +17,9 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from stad.distributed import example_key
 from stad.errors import StadError, TrainingError
+from stad.resume import rng_state, set_rng_state
 
 Batch = dict[str, Any]
 Features = list[Tensor]
@@ -144,6 +146,8 @@ class Method(nn.Module):
         # Batch entries beyond image/mask/label/path the method reads (e.g. "depth"); run.py
         # checks the dataset provides them before anything trains.
         self.requires = tuple(requires)
+        # The config's method name (set by run.py), for messages.
+        self.name = ""
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Anomaly maps (B×1×H×W) and image scores (B,) of a batch."""
@@ -196,8 +200,11 @@ class StageModule(L.LightningModule):
         self.inference_images = 0
         self.best_val_loss = math.inf
         self._best_state: dict[str, Tensor] | None = None
+        self._pending_rng: dict[str, Any] | None = None
         if stage is not None:
             self._freeze_all_but_stage(stage)
+            # Epoch checkpoints hold only what the stage trains (see on_save_checkpoint).
+            self.strict_loading = False
 
     # -- modes and parameters -------------------------------------------------------------
     def _freeze_all_but_stage(self, stage: Stage) -> None:
@@ -239,10 +246,12 @@ class StageModule(L.LightningModule):
         loss = losses["loss"]
         if not torch.isfinite(loss).all():
             raise TrainingError(
-                f"the loss of stage '{self.stage.name}' became {loss.item()} at epoch "
-                f"{self.current_epoch}, step {self.global_step}: training diverged. Fix: lower the "
-                f"learning rate (method.stages.{self.stage.name}.optimizer.lr) or train in "
-                "full precision (trainer.precision=32-true)."
+                f"method {self.method.name or '?'}: the loss of stage '{self.stage.name}' became "
+                f"{loss.item()} at epoch {self.current_epoch}, step {self.global_step}: training "
+                "diverged. Likely fixes: lower the learning rate "
+                f"(method.stages.{self.stage.name}.optimizer.lr), check the input normalisation "
+                "(images in [0, 1], the backbone's mean/std), or train in full precision "
+                "(trainer.precision=32-true)."
             )
         return losses
 
@@ -256,7 +265,14 @@ class StageModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self._stage_loss(self._prepare(batch), validation=True)
-        self.log("val/loss", losses["loss"], prog_bar=True, batch_size=batch["image"].shape[0])
+        # Averaged over processes, so every rank of a DDP run selects the same epoch.
+        self.log(
+            "val/loss",
+            losses["loss"],
+            prog_bar=True,
+            batch_size=batch["image"].shape[0],
+            sync_dist=True,
+        )
 
     def on_validation_epoch_end(self) -> None:
         if (
@@ -268,9 +284,9 @@ class StageModule(L.LightningModule):
         val_loss = self.trainer.callback_metrics.get("val/loss")
         if val_loss is not None and float(val_loss) < self.best_val_loss:
             self.best_val_loss = float(val_loss)
-            self._best_state = {k: v.detach().clone() for k, v in self._stage_state().items()}
+            self._best_state = {k: v.detach().clone() for k, v in self.stage_state().items()}
 
-    def _stage_state(self) -> dict[str, Tensor]:
+    def stage_state(self) -> dict[str, Tensor]:
         """Parameters and buffers (e.g. BatchNorm statistics) of the stage's trainable modules."""
         assert self.stage is not None
         state: dict[str, Tensor] = {}
@@ -278,6 +294,39 @@ class StageModule(L.LightningModule):
             for k, v in self.method.submodule(path).state_dict().items():
                 state[f"{path}.{k}"] = v
         return state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what this stage changes (frozen parts come from the config and earlier stages),
+        the weight-selection state and the random state, so a resumed stage continues exactly."""
+        checkpoint["state_dict"] = {f"method.{k}": v for k, v in self.stage_state().items()}
+        checkpoint["stad"] = {
+            "rng": rng_state(),
+            "best_val_loss": self.best_val_loss,
+            "best_state": self._best_state,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` kept beyond the weights."""
+        saved = checkpoint.get("stad")
+        if saved is None:
+            return
+        self.best_val_loss = float(saved["best_val_loss"])
+        self._best_state = saved["best_state"]
+        # Restored when the next epoch starts: Lightning draws random numbers while it sets up
+        # the resumed fit, which the uninterrupted run drew before the checkpoint was taken.
+        self._pending_rng = saved["rng"]
+
+    def on_train_epoch_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        # Losses with random streams of their own (synthetic anomalies) restart them per epoch,
+        # like a sampler's set_epoch.
+        assert self.stage is not None
+        for loss in {id(f): f for f in (self.stage.loss, self.stage.val_loss) if f}.values():
+            set_epoch = getattr(loss, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.current_epoch)
 
     def restore_selected(self) -> None:
         """Load the weights chosen by the stage's selection rule (no-op for ``last``)."""
@@ -293,6 +342,7 @@ class StageModule(L.LightningModule):
         maps, scores = self.method(batch)
         _synchronize(image.device)
         self.inference_seconds += time.perf_counter() - start
+        first = self.inference_images  # this test's position of the batch's first image
         self.inference_images += image.shape[0]
         if maps.shape[-2:] != image.shape[-2:] or maps.shape[:2] != (image.shape[0], 1):
             raise RuntimeError(
@@ -302,23 +352,39 @@ class StageModule(L.LightningModule):
         maps, scores = maps.float(), scores.float()
         for name, metric in self.metrics.items():
             update_metric(name, metric, maps, scores, batch)
-        self._keep_examples(batch, maps, scores)
+        self._keep_examples(batch, maps, scores, first)
 
-    def _keep_examples(self, batch: Batch, maps: Tensor, scores: Tensor) -> None:
-        """Keep up to half the examples from anomalous and half from normal images."""
+    def _keep_examples(self, batch: Batch, maps: Tensor, scores: Tensor, first: int = 0) -> None:
+        """Keep the test images a reader most wants to see: the highest-scoring normal images
+        (false alarms first) and the lowest-scoring defects (misses first), half of each, ties
+        to the earlier image (:func:`stad.distributed.example_key`). The processes of a DDP test
+        merge theirs with :func:`stad.distributed.gather_examples`."""
         for i in range(maps.shape[0]):
             label = int(batch["label"][i])
             quota = (self.keep_examples + label) // 2
-            if sum(e["label"] == label for e in self.examples) >= quota:
+            if quota == 0:
                 continue
+            score = float(scores[i])
+            # Under DDP the loader gives the test-set index; else images come in test-set order.
+            index = int(batch["index"][i]) if "index" in batch else first + i
+            key = example_key(score, label, index)
+            same = [e for e in self.examples if e["label"] == label]
+            if len(same) >= quota:
+                out = min(same, key=lambda e: example_key(e["score"], label, e["index"]))
+                if key <= example_key(out["score"], label, out["index"]):
+                    continue
+                # By identity: dicts of tensors do not compare with ==.
+                self.examples = [e for e in self.examples if e is not out]
             self.examples.append(
                 {
                     "image": batch["image"][i].detach().cpu(),
                     "mask": batch["mask"][i].detach().cpu(),
                     "map": maps[i].detach().cpu(),
-                    "score": float(scores[i]),
+                    "score": score,
                     "label": label,
+                    "index": index,
                     "path": str(batch["path"][i]),
+                    "kind": "lowest-scoring defect" if label else "highest-scoring normal",
                 }
             )
 

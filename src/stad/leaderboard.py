@@ -3,7 +3,10 @@ hyper-parameters, with mean and std over seeds, per-dataset mean rows and the pa
 
 ``stad-leaderboard DIR... --out leaderboard.csv`` (or ``python -m stad.leaderboard``).
 Records from different code revisions or settings are never averaged together: the revision
-and every hyper-parameter that differs between records are part of a row's key.
+and every hyper-parameter that differs between records are part of a row's key. Runs that
+failed (a ``failed.json`` without a ``record.json``) are listed apart, never averaged in.
+``--plot`` draws one bar chart per dataset and metric (a bar group per method, one bar per category
+and the mean; ``--plot-groups category`` transposes; error bars: std over seeds).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import statistics
@@ -21,10 +25,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stad.errors import StadError
-from stad.results import RECORD_KEYS, RECORD_NAME, UNHASHED_KEYS, config_hash, read_record
+from stad.results import (
+    FAILED_NAME,
+    RECORD_KEYS,
+    RECORD_NAME,
+    UNHASHED_KEYS,
+    config_hash,
+    read_record,
+)
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting
+    from matplotlib.figure import Figure
 
 # Config keys that name the row already, or tell runs of one experiment apart without being a
 # hyper-parameter (the seed is averaged over; paths say where, not what).
@@ -38,7 +52,20 @@ NOT_PARAMS = {
     *UNHASHED_KEYS,
 }
 MEAN_CATEGORY = "mean"
+PLOT_DPI = 100
 PAPER_FILE = "paper_results.csv"
+
+FAILED_COLUMNS = (
+    "dataset",
+    "category",
+    "method",
+    "backbone",
+    "seed",
+    "error",
+    "reason",
+    "run_dir",
+    "created",
+)
 
 
 @dataclass
@@ -149,6 +176,100 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# -- failed runs ------------------------------------------------------------------------------
+@dataclass
+class Failure:
+    """A run that stopped with an error (its ``failed.json``), for the list of failed runs."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def config_hash(self) -> str | None:
+        return self.info.get("config_hash")
+
+    def cell(self, col: str) -> Any:
+        if col == "run_dir":
+            return str(self.path.parent)
+        value = self.info.get(col, "")
+        return "" if value is None else value
+
+
+def find_failures(dirs: Sequence[str | Path]) -> list[Failure]:
+    """Every ``failed.json`` under the directories whose run has no record (a run retried with
+    success after a failure keeps its old ``failed.json`` beside the new record)."""
+    failures = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            continue
+        for path in sorted(d.rglob(FAILED_NAME)):
+            if (path.parent / RECORD_NAME).exists():
+                continue
+            try:
+                info = json.loads(path.read_text())
+                if not isinstance(info, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as err:
+                info = {"error": "unreadable", "reason": f"cannot read {path}: {err}"}
+            failures.append(Failure(path, info))
+    return failures
+
+
+def unfinished(failures: Sequence[Failure], runs: Sequence[Run]) -> list[Failure]:
+    """The failures no record supersedes (same config hash: the run was retried elsewhere)."""
+    done = {run.key for run in runs}
+    return [f for f in failures if f.config_hash is None or f.config_hash not in done]
+
+
+def failed_csv(failures: Sequence[Failure]) -> str:
+    """The failed runs as CSV text, one row each (``FAILED_COLUMNS``)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(FAILED_COLUMNS)
+    for failure in failures:
+        writer.writerow([failure.cell(c) for c in FAILED_COLUMNS])
+    return out.getvalue()
+
+
+def _failure_line(failure: Failure) -> str:
+    what = "/".join(str(failure.cell(c)) for c in ("dataset", "category", "method", "backbone"))
+    reason = str(failure.cell("reason")).strip().splitlines()
+    return (
+        f"{what} seed {failure.cell('seed')}: {failure.cell('error')}: "
+        f"{reason[0] if reason else ''} ({failure.path.parent})"
+    )
+
+
+def failed_path(out: Path) -> Path:
+    """Where the list of failed runs goes, beside the table: ``<stem>_failed.csv``."""
+    return out.with_name(f"{out.stem}_failed.csv")
+
+
+def report_failures(failures: Sequence[Failure], out: Path | None) -> None:
+    """List the failed runs: in ``<out stem>_failed.csv`` with a line on stderr, or on stderr.
+
+    A stale list from an earlier call is removed when nothing failed any more.
+    """
+    if out is None:
+        if failures:
+            lines = "\n  ".join(_failure_line(f) for f in failures)
+            print(
+                f"stad-leaderboard: {len(failures)} failed runs (not in the table):\n  {lines}",
+                file=sys.stderr,
+            )
+        return
+    path = failed_path(out)
+    if failures:
+        write_text_atomic(path, failed_csv(failures))
+        print(
+            f"stad-leaderboard: {len(failures)} failed runs (not in the table): see {path}",
+            file=sys.stderr,
+        )
+    elif path.exists():
+        path.unlink()
+        print(f"stad-leaderboard: no failed runs; removed the old {path}", file=sys.stderr)
 
 
 # -- grouping ---------------------------------------------------------------------------------
@@ -375,12 +496,13 @@ def to_markdown(rows: Sequence[Row], cols: Sequence[str], metrics: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the complete new one, never a part."""
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Readers see the old file or the complete new one, never a part (text or bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o644)  # like any written file, not mkstemp's private 0600
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -388,7 +510,184 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+# -- plots ----------------------------------------------------------------------------------
+def _series_key(row: Row) -> tuple[str, str, str, str]:
+    return (row.method, row.backbone, row.params, row.revision)
+
+
+def _series_labels(keys: Sequence[tuple[str, str, str, str]]) -> list[str]:
+    """Method, plus backbone, params and revision where the series differ in them."""
+    varies = [len({k[i] for k in keys}) > 1 for i in range(4)]
+    return [
+        " ".join([key[0], *(str(key[i]) for i in (1, 2, 3) if varies[i] and key[i])])
+        for key in keys
+    ]
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def plot_figure(rows: Sequence[Row], metric: str, dataset: str, group_by: str = "method") -> Figure:
+    """Bar chart of one metric on one dataset, methods × categories: by default a group of bars
+    per method (and backbone, params, revision where they differ) with one bar per category and
+    the dataset mean; ``group_by="category"`` transposes it. Error bars = std over seeds where
+    there are several.
+
+    Args:
+        rows: leaderboard rows (category and mean rows, as :func:`collect` returns).
+        metric: the metric to draw, e.g. ``image_auroc``.
+        dataset: the dataset whose rows to draw.
+        group_by: ``"method"`` or ``"category"``: what one group of bars is.
+
+    Returns:
+        The figure (on an Agg canvas): one ``BarContainer`` per series, one bar per group.
+    """
+    # matplotlib alone, on demand: the leaderboard never loads torch (stad.report does).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if group_by not in ("method", "category"):
+        raise StadError(f"--plot-groups must be method or category, got {group_by!r}")
+    mine = [r for r in rows if r.dataset == dataset]
+    categories = sorted({r.category for r in mine if r.category != MEAN_CATEGORY})
+    categories += [MEAN_CATEGORY] if any(r.category == MEAN_CATEGORY for r in mine) else []
+    keys = sorted({_series_key(r) for r in mine})
+    cells = {(r.category, _series_key(r)): r for r in mine}
+    by_method = group_by == "method"
+    groups, series = (keys, categories) if by_method else (categories, keys)
+    group_labels = _series_labels(keys) if by_method else categories
+    series_labels = categories if by_method else _series_labels(keys)
+
+    def cell(group: Any, item: Any) -> Row | None:
+        return cells.get((item, group) if by_method else (group, item))
+
+    width = 0.8 / max(len(series), 1)
+    size = (min(18.0, max(5.0, 1.5 + len(groups) * (0.3 + 0.22 * len(series)))), 4.0)
+    fig = Figure(figsize=size, dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    spans, with_errors = [], False
+    for i, (item, label) in enumerate(zip(series, series_labels, strict=True)):
+        found = [cell(g, item) for g in groups]
+        heights = [_number(r.values.get(metric)) if r else math.nan for r in found]
+        errors = [_number(r.values.get(f"{metric}_std")) if r else math.nan for r in found]
+        has_errors = any(math.isfinite(e) for e in errors)
+        with_errors |= has_errors
+        positions = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(
+            positions,
+            [h if math.isfinite(h) else 0.0 for h in heights],
+            width,
+            yerr=[e if math.isfinite(e) else 0.0 for e in errors] if has_errors else None,
+            capsize=2 if has_errors else 0,
+            label=label,
+            color="#444" if item == MEAN_CATEGORY else f"C{i % 10}",
+        )
+        spans += [
+            (h - (e if math.isfinite(e) else 0), h + (e if math.isfinite(e) else 0))
+            for h, e in zip(heights, errors, strict=True)
+            if math.isfinite(h)
+        ]
+    _y_limits(ax, spans)
+    if not by_method and MEAN_CATEGORY in groups and len(groups) > 1:
+        ax.axvline(len(groups) - 1.5, color="#999", linestyle=":", linewidth=1)
+    ax.set_xticks(
+        range(len(groups)),
+        group_labels,
+        rotation=45 if len(groups) > 6 else 0,
+        ha="right" if len(groups) > 6 else "center",
+    )
+    ax.set_ylabel(metric)
+    note = " (error bars: std over seeds)" if with_errors else ""
+    ax.set_title(f"{dataset}: {metric}{note}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=min(len(series), 6), fontsize=8)
+    return fig
+
+
+def _y_limits(ax: Any, spans: Sequence[tuple[float, float]]) -> None:
+    """Fit the axis to the bars and their error bars: most metrics sit near 1, where a 0
+    baseline would hide every difference (the tick labels show where the axis starts)."""
+    if not spans:
+        return
+    low, high = min(s[0] for s in spans), max(s[1] for s in spans)
+    pad = max(0.02, 0.08 * (high - low))
+    bottom = math.floor((low - pad) * 20) / 20
+    if low >= 0:
+        bottom = max(0.0, bottom)
+    top = min(high + pad, 1.02) if high <= 1.0 else high + pad
+    ax.set_ylim(bottom, top)
+
+
+def write_plots(
+    rows: Sequence[Row], metrics: Sequence[str], out_dir: Path, group_by: str = "method"
+) -> list[Path]:
+    """One PNG per dataset and metric, ``<dataset>_<metric>.png``, each written atomically."""
+    paths = []
+    for dataset in sorted({r.dataset for r in rows}):
+        for metric in metrics:
+            if not any(metric in r.values for r in rows if r.dataset == dataset):
+                continue
+            path = out_dir / f"{_file_part(dataset)}_{_file_part(metric)}.png"
+            png = io.BytesIO()
+            figure = plot_figure(rows, metric, dataset, group_by)
+            figure.savefig(png, format="png", dpi=PLOT_DPI)
+            write_text_atomic(path, png.getvalue())
+            paths.append(path)
+    return paths
+
+
+def _file_part(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 # -- command ----------------------------------------------------------------------------------
+@dataclass
+class Board:
+    """The leaderboard before formatting: rows (each dataset's categories, then its means),
+    metric names, and the failed runs it leaves out."""
+
+    rows: list[Row]
+    metrics: list[str]
+    failures: list[Failure]
+
+
+def collect(
+    dirs: Sequence[str | Path],
+    paper: bool = False,
+    keep_latest: bool = False,
+    skip_invalid: bool = False,
+) -> Board:
+    """Read every record under ``dirs`` into leaderboard rows; list the failed runs apart."""
+    failures = find_failures(dirs)
+    try:
+        runs = drop_duplicates(load_runs(find_records(dirs), skip_invalid), keep_latest)
+        if not runs:
+            raise StadError("no usable run records left; see the warnings above")
+    except StadError as err:
+        if failures:  # say why the folders have no finished runs
+            lines = "\n  ".join(_failure_line(f) for f in failures)
+            raise StadError(f"{err}\n{len(failures)} runs failed:\n  {lines}") from err
+        raise
+    metrics = metric_names(runs)
+    rows = group_rows(runs)
+    for row in rows:
+        summarise(row, metrics)
+    table = _interleave(rows, dataset_means(rows, metrics))
+    if paper:
+        add_paper(table, metrics, paper_results())
+    return Board(table, metrics, unfinished(failures, runs))
+
+
+def render(board: Board, paper: bool = False, fmt: str = "csv") -> str:
+    """The board as CSV or Markdown text."""
+    cols = columns(board.rows, board.metrics, paper)
+    if fmt == "md":
+        return to_markdown(board.rows, cols, board.metrics)
+    return to_csv(board.rows, cols)
+
+
 def build_table(
     dirs: Sequence[str | Path],
     paper: bool = False,
@@ -397,18 +696,7 @@ def build_table(
     fmt: str = "csv",
 ) -> str:
     """The leaderboard of every record under ``dirs`` as CSV or Markdown text."""
-    runs = drop_duplicates(load_runs(find_records(dirs), skip_invalid), keep_latest)
-    if not runs:
-        raise StadError("no usable run records left; see the warnings above")
-    metrics = metric_names(runs)
-    rows = group_rows(runs)
-    for row in rows:
-        summarise(row, metrics)
-    table = _interleave(rows, dataset_means(rows, metrics))
-    if paper:
-        add_paper(table, metrics, paper_results())
-    cols = columns(table, metrics, paper)
-    return to_markdown(table, cols, metrics) if fmt == "md" else to_csv(table, cols)
+    return render(collect(dirs, paper, keep_latest, skip_invalid), paper, fmt)
 
 
 def _interleave(rows: Sequence[Row], means: Sequence[Row]) -> list[Row]:
@@ -435,14 +723,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-invalid", action="store_true", help="leave out corrupt or partial records"
     )
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="DIR",
+        help="also draw one PNG bar chart per dataset and metric into DIR "
+        "(default with --out: <out stem>_plots/ beside the table)",
+    )
+    p.add_argument(
+        "--plot-groups",
+        choices=("method", "category"),
+        default="method",
+        help="one group of bars per method (bars: categories and mean; default) or per category",
+    )
     return p
+
+
+def _plot_dir(args: argparse.Namespace) -> Path | None:
+    if args.plot is True:
+        if args.out is None:
+            raise StadError("--plot needs a folder (--plot DIR) when the table is printed")
+        return args.out.with_name(f"{args.out.stem}_plots")
+    return args.plot
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 on bad input)."""
     args = _parser().parse_args(argv)
     try:
-        text = build_table(args.dirs, args.paper, args.keep_latest, args.skip_invalid, args.format)
+        plot_dir = _plot_dir(args)
+        board = collect(args.dirs, args.paper, args.keep_latest, args.skip_invalid)
+        text = render(board, args.paper, args.format)
     except StadError as err:
         print(f"stad-leaderboard: error: {err}", file=sys.stderr)
         return 2
@@ -451,6 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         write_text_atomic(args.out, text)
         print(f"stad-leaderboard: wrote {args.out}", file=sys.stderr)
+    report_failures(board.failures, args.out)
+    if plot_dir is not None:
+        paths = write_plots(board.rows, board.metrics, plot_dir, args.plot_groups)
+        print(f"stad-leaderboard: wrote {len(paths)} plots to {plot_dir}", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from stad.errors import StadError
 
 RECORD_NAME = "record.json"
+# Written instead of a record by a sweep job that failed (the leaderboard lists it apart).
+FAILED_NAME = "failed.json"
 SCHEMA_VERSION = 1
 
 # Every record has these top-level keys; leaderboard columns are derived from them.
@@ -49,6 +51,8 @@ UNHASHED_KEYS = (
     "output_root",
     "decode_cache",
     "force",
+    "resume",
+    "keep_checkpoints",
     "examples",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
@@ -64,6 +68,7 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide records from a team's other users
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
             f.write("\n")
@@ -189,3 +194,25 @@ def find_previous_run(output_root: str | Path, key: str) -> Path | None:
     except StadError:
         return None
     return run_dir if record.get("config_hash", config_hash(record["config"])) == key else None
+
+
+def _started_path(output_root: str | Path, key: str) -> Path:
+    return Path(output_root) / INDEX_DIR / f"{key}.started.json"
+
+
+def register_started(output_root: str | Path, key: str, run_dir: Path) -> None:
+    """Note that the run with config hash ``key`` started in ``run_dir`` (a sweep restarted after
+    a kill resumes it there instead of starting it over)."""
+    path = _started_path(output_root, key)
+    write_json_atomic(path, {"run_dir": str(Path(run_dir).resolve())})
+
+
+def find_unfinished_run(output_root: str | Path, key: str) -> Path | None:
+    """The run directory of an unfinished run with config hash ``key`` that can resume."""
+    from stad.resume import is_unfinished
+
+    try:
+        run_dir = Path(json.loads(_started_path(output_root, key).read_text())["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run_dir if is_unfinished(run_dir) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import resource
 import sys
@@ -19,11 +20,15 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from stad import resume
+from stad.backbones import FeatureExtractor
+from stad.checkpoint import save_checkpoint
 from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
-from stad.data.base import DatasetSplits, decode_cache
+from stad.data.base import DatasetSplits, data_fingerprint, decode_cache
 from stad.data.datamodule import AnomalyDataModule
 from stad.data.validation import SyntheticAnomalySet
+from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
 from stad.methods import build_method
 from stad.metrics import PRO, ImageAUROC, PixelAUROC
@@ -34,6 +39,13 @@ from stad.results import (
     git_revision,
     package_versions,
     write_record,
+)
+from stad.thresholds import (
+    ThresholdCounts,
+    fixed_threshold,
+    quantile_threshold,
+    sample_pixels,
+    with_test_counts,
 )
 from stad.timing import measure_inference
 from stad.viz import save_overlays
@@ -55,14 +67,40 @@ class StageReport:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and evaluate the configured method; returns the record written to ``run_dir``."""
+    try:
+        record = _run(cfg, run_dir)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        raise StadError(out_of_memory_message(cfg, err)) from None
+    if not cfg.get("keep_checkpoints", False) and is_rank_zero():
+        resume.clean(run_dir)
+    return record
+
+
+def out_of_memory_message(cfg: DictConfig, err: BaseException) -> str:
+    """What ran out of memory and the settings that need less of it."""
+    batch = cfg.trainer.batch_size or cfg.method.batch_size
+    return (
+        f"out of memory ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}) "
+        f"training/evaluating {cfg.method.name} at image_size={cfg.image_size}, batch size "
+        f"{batch}. Use less memory with a smaller trainer.batch_size (and "
+        f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}), a smaller image_size, "
+        "trainer.precision=16-mixed or bf16-mixed on a GPU, or method.feature_cache=false "
+        "where the method caches teacher features"
+    )
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if (run_dir / RECORD_NAME).exists():
         raise StadError(f"{run_dir} already holds a run record; choose a new hydra.run.dir")
+    check_writable(run_dir)
     _setup_torch(cfg)
     image_size = int(cfg.image_size)
     with decode_cache(cfg.get("decode_cache")):
         splits = build_dataset(cfg.dataset, image_size)
     method = build_method(cfg.method, cfg.backbone)
+    method.name = str(cfg.method.name)
     check_inputs(method, splits, cfg)
+    check_image_size(method, image_size, cfg)
     channels_last = use_channels_last(cfg)
     if channels_last:
         method.to(memory_format=torch.channels_last)
@@ -76,27 +114,66 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         val_fraction=held_out_fraction(cfg, method),
         seed=int(cfg.seed),
     )
+    checkpoints = resume.prepare(run_dir, config_hash(cfg), bool(cfg.get("resume", False)))
     reports = [
-        _fit_stage(cfg, method, stage, datamodule, run_dir, channels_last)
+        _fit_stage(cfg, method, stage, datamodule, run_dir, channels_last, checkpoints)
         for stage in method.stages
     ]
     _calibrate(cfg, method, datamodule, run_dir)
+    thresholds = choose_thresholds(cfg, method, datamodule)
     validated = (
         _validate(cfg, method, datamodule, run_dir, channels_last) if synthetic_validation else None
     )
-    metrics, extra, examples, ms_per_image = _test(
-        cfg, method, datamodule, splits, run_dir, channels_last
-    )
-    speed = _time_inference(cfg, method, datamodule, channels_last)
-    overlays = save_overlays(examples, run_dir / "overlays")
-    record = _record(cfg, method, datamodule.info, reports, metrics, extra, ms_per_image)
-    record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
+    tested = _test(cfg, method, datamodule, splits, run_dir, channels_last, thresholds)
+    # Rank 0 only: processes timing at once on shared CPUs would skew the figure.
+    speed = _time_inference(cfg, method, datamodule, channels_last) if is_rank_zero() else None
+    examples = gather_examples(tested.examples, int(cfg.examples))  # collective: every rank
+    data_info = {**datamodule.info, "fingerprint": data_fingerprint(splits)}
+    record = _record(cfg, method, data_info, reports, tested.metrics, tested.extra, tested.ms)
     record["inference"] = speed
+    record["thresholds"] = with_test_counts(thresholds, tested.counts)
     if validated is not None:
         record["validation"] = validated
+    if not is_rank_zero():
+        # Under DDP the other processes only evaluated their share; rank 0 writes the run.
+        return record
+    overlays = save_overlays(examples, run_dir / "overlays")
+    record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
+    record["checkpoint"] = save_checkpoint(run_dir, method, cfg, thresholds).name
+    from stad.report import write_report  # matplotlib only once a run has results
+
+    record["report"] = write_report(
+        run_dir, record, tested.curves, tested.scores, tested.labels, examples
+    ).name
     write_record(run_dir, record)
     print_summary(record, run_dir)
     return record
+
+
+def check_writable(run_dir: Path) -> None:
+    """Stop before any work when the run directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise StadError(
+            f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a "
+            "writable place with output_root=<dir> (or hydra.run.dir=<dir>)"
+        ) from None
+
+
+def check_image_size(method: Method, image_size: int, cfg: DictConfig) -> None:
+    """Stop when the images are smaller than the coarsest feature map's stride (their maps
+    would be empty)."""
+    strides = [max(m.strides) for m in method.modules() if isinstance(m, FeatureExtractor)]
+    if strides and image_size < max(strides):
+        raise StadError(
+            f"image_size={image_size} is smaller than the total stride {max(strides)} of "
+            f"backbone {cfg.backbone.name} in method {cfg.method.name}: its feature maps would be "
+            f"empty; use image_size >= {max(strides)} (the paper uses {cfg.method.image_size})"
+        )
 
 
 def wants_synthetic_validation(cfg: DictConfig) -> bool:
@@ -115,7 +192,82 @@ def held_out_fraction(cfg: DictConfig, method: Method) -> float:
     fraction = float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0
     if fraction == 0.0 and wants_synthetic_validation(cfg):
         fraction = float(cfg.validation.get("val_fraction", 0.2))
+    threshold = cfg.get("threshold") or {}
+    if fraction == 0.0 and threshold.get("method", "quantile") == "quantile":
+        fraction = float(threshold.get("val_fraction", 0.0))
     return fraction
+
+
+def choose_thresholds(
+    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule
+) -> dict[str, Any]:
+    """Image and pixel thresholds, never from test images (``threshold`` in config.yaml)."""
+    # Under DDP each process's BatchNorm statistics differ slightly after training (Lightning's
+    # test trainer then copies rank 0's everywhere); every process tests with rank 0's
+    # thresholds, the ones the checkpoint keeps.
+    return broadcast_object(_thresholds(cfg, method, datamodule))
+
+
+def _thresholds(cfg: DictConfig, method: Method, datamodule: AnomalyDataModule) -> dict[str, Any]:
+    threshold = cfg.get("threshold") or {}
+    how = str(threshold.get("method", "quantile"))
+    if how == "fixed":
+        return {
+            kind: fixed_threshold(float(threshold[kind]))
+            for kind in ("image", "pixel")
+            if threshold.get(kind) is not None
+        }
+    if how == "f1":
+        return _f1_thresholds(cfg, method, threshold)
+    if how != "quantile":
+        raise StadError(f"threshold.method={how!r}; use quantile, f1 or fixed")
+    return _quantile_thresholds(cfg, method, datamodule, threshold)
+
+
+def _quantile_thresholds(
+    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, threshold: Any
+) -> dict[str, Any]:
+    held_out = len(datamodule.val_dataset) > 0
+    dataset = datamodule.val_dataset if held_out else datamodule.train_dataset
+    source = (
+        f"{len(dataset)} held-out normal images"
+        if held_out
+        else f"{len(dataset)} training images (in-sample: none held out)"
+    )
+    loader = DataLoader(dataset, batch_size=int(cfg.trainer.eval_batch_size), shuffle=False)
+    scores, pixels = _normal_scores(method, loader, _device(cfg))
+    return {
+        "image": quantile_threshold(scores, float(threshold.image_quantile), source),
+        "pixel": quantile_threshold(pixels, float(threshold.pixel_quantile), source),
+    }
+
+
+@torch.no_grad()
+def _normal_scores(
+    method: Method, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores and a bounded sample of anomaly-map pixels of normal images."""
+    was_training = method.training
+    method.eval().to(device)
+    scores, pixels = [], []
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            maps, image_scores = method(batch)
+            scores.append(image_scores.float().cpu())
+            pixels.append(sample_pixels(maps, seed=len(pixels)))
+    finally:
+        method.train(was_training)
+    return torch.cat(scores), torch.cat(pixels)
+
+
+def _f1_thresholds(cfg: DictConfig, method: Method, threshold: Any) -> dict[str, Any]:
+    """F1-optimal thresholds on the user's labelled folder (``threshold.labelled``)."""
+    from stad.predict import labelled_thresholds
+
+    if not threshold.get("labelled"):
+        raise StadError("threshold.method=f1 needs threshold.labelled=<folder of labelled images>")
+    return labelled_thresholds(method, Path(threshold.labelled), int(cfg.image_size), _device(cfg))
 
 
 def check_inputs(method: Method, splits: DatasetSplits, cfg: DictConfig) -> None:
@@ -197,7 +349,12 @@ def _note_backbone_choice(cfg: DictConfig) -> None:
 
 
 def _trainer(
-    cfg: DictConfig, run_dir: Path, max_epochs: int, name: str, validate: bool = False
+    cfg: DictConfig,
+    run_dir: Path,
+    max_epochs: int,
+    name: str,
+    validate: bool = False,
+    callbacks: list[L.Callback] | None = None,
 ) -> L.Trainer:
     t = cfg.trainer
     limits = {
@@ -207,8 +364,11 @@ def _trainer(
     }
     if not validate:
         limits["limit_val_batches"] = 0
+    strategy = str(t.get("strategy", "auto"))
+    check_strategy(strategy, t.devices)
     return L.Trainer(
         accelerator=t.accelerator,
+        strategy=strategy,
         devices=t.devices,
         precision=t.precision,
         max_epochs=max_epochs,
@@ -220,6 +380,10 @@ def _trainer(
         log_every_n_steps=int(t.log_every_n_steps),
         num_sanity_val_steps=0,
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=name),
+        callbacks=callbacks or [],
+        # The datamodule shards the data itself (stad.distributed): Lightning's sampler would
+        # repeat test images to even out the shares and split the validation images.
+        use_distributed_sampler=False,
         **limits,
     )
 
@@ -237,19 +401,39 @@ def _fit_stage(
     datamodule: AnomalyDataModule,
     run_dir: Path,
     channels_last: bool,
+    checkpoints: Path,
 ) -> StageReport:
+    """Train one stage (or take it from a finished earlier attempt), keeping its state after
+    every epoch so a killed run resumes where it was."""
+    done = resume.load_done(checkpoints, stage.name)
+    if done is not None:
+        log.info(
+            "stage %s: finished in an earlier attempt, resumed from its checkpoint", stage.name
+        )
+        method.load_state_dict(done["state"], strict=False)
+        resume.set_rng_state(done["rng"])
+        return StageReport(**done["report"])
     epochs = stage_epochs(cfg, stage)
     log.info("stage %s: %d epochs, training %s", stage.name, epochs, ", ".join(stage.trainable))
     module = StageModule(method, stage, channels_last=channels_last)
-    trainer = _trainer(cfg, run_dir, epochs, stage.name, validate=stage.selection != "last")
+    last = resume.last_checkpoint(checkpoints, stage.name)
+    callbacks = [resume.EpochCheckpoint(last)] if cfg.trainer.get("checkpoint_epochs", True) else []
+    trainer = _trainer(
+        cfg, run_dir, epochs, stage.name, validate=stage.selection != "last", callbacks=callbacks
+    )
+    ckpt_path = str(last) if last.is_file() else None
+    if ckpt_path:
+        log.info("stage %s: resuming from %s", stage.name, last)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     seconds = time.perf_counter() - start
     module.restore_selected()
     best = module.best_val_loss if module.best_val_loss != float("inf") else None
-    return StageReport(
+    report = StageReport(
         stage.name, seconds, trainer.current_epoch, trainer.global_step, stage.selection, best
     )
+    resume.save_done(checkpoints, stage.name, module.stage_state(), asdict(report))
+    return report
 
 
 def _calibrate(
@@ -287,7 +471,7 @@ def _validate(
     )
     log.info("validation on %d held-out images + synthetic anomalies", len(dataset) // 2)
     module = StageModule(method, metrics=_metrics(None), channels_last=channels_last)
-    loader = DataLoader(dataset, batch_size=int(cfg.trainer.eval_batch_size), shuffle=False)
+    loader = datamodule.sharded_loader(dataset)  # each image on one process under DDP
     _trainer(cfg, run_dir, 1, "validation").test(module, loader, verbose=False)
     values: dict[str, Any] = {}
     for name, metric in module.metrics.items():
@@ -312,6 +496,20 @@ def metric_values(name: str, value: Any) -> dict[str, float]:
     return {name: float(value)}
 
 
+@dataclass
+class TestOutcome:
+    """What evaluating the test set gives: metrics, curves and examples for the report."""
+
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    examples: list[dict]
+    ms: float
+    counts: dict[str, Any]
+    curves: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+
 def _test(
     cfg: DictConfig,
     method: Method,
@@ -319,10 +517,14 @@ def _test(
     splits: DatasetSplits,
     run_dir: Path,
     channels_last: bool,
-) -> tuple[dict[str, float], dict[str, Any], list[dict], float]:
+    thresholds: dict[str, Any],
+) -> TestOutcome:
+    counts = ThresholdCounts(
+        thresholds.get("image", {}).get("value"), thresholds.get("pixel", {}).get("value")
+    )
     module = StageModule(
         method,
-        metrics=_metrics(splits),
+        metrics={**_metrics(splits), COUNTS: counts},
         keep_examples=int(cfg.examples),
         channels_last=channels_last,
     )
@@ -330,14 +532,47 @@ def _test(
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics: dict[str, float] = {}
     for name, metric in module.metrics.items():
-        metrics.update(metric_values(name, metric.compute()))
+        if name != COUNTS:
+            metrics.update(metric_values(name, metric.compute()))
     extra = {
         f"{name}_error_bound": float(m.error_bound())
         for name, m in module.metrics.items()
         if hasattr(m, "error_bound")
     }
     ms = 1000.0 * module.inference_seconds / max(module.inference_images, 1)
-    return metrics, extra, module.examples, ms
+    scores, labels = _image_scores(module.metrics["image_auroc"])
+    return TestOutcome(
+        metrics,
+        extra,
+        module.examples,
+        ms,
+        counts.compute(),
+        _curves(module.metrics),
+        scores,
+        labels,
+    )
+
+
+COUNTS = "threshold_counts"
+_CURVES = {"image_roc": "image_auroc", "pixel_roc": "pixel_auroc", "pro": "pro"}
+
+
+def _curves(metrics: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """ROC and PRO curves of the test set, over every process's images."""
+    curves = {}
+    for key, name in _CURVES.items():
+        curves[key] = metrics[name].curve()  # gathers every process's states itself
+    return curves
+
+
+def _image_scores(metric: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    with metric.sync_context():
+        return _cat(metric.preds).float().cpu(), _cat(metric.target).long().cpu()
+
+
+def _cat(state: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A torchmetrics "cat" state: a list of tensors before syncing, one tensor after."""
+    return torch.cat(state) if isinstance(state, list) else state
 
 
 def peak_memory_mb() -> dict[str, Any]:
@@ -404,6 +639,16 @@ def _speed_rows(speed: dict[str, Any] | None) -> list[tuple[str, str]]:
     ]
 
 
+def _threshold_rows(thresholds: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for kind, t in thresholds.items():
+        how = f"q{t['quantile']}" if t.get("method") == "quantile" else t.get("method", "?")
+        right = t.get("test")
+        score = f" -> {right['right']}/{right['total']} test images right" if right else ""
+        rows.append((f"{kind} threshold", f"{t['value']:.4g} ({how}, {t.get('source')}){score}"))
+    return rows
+
+
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
     """A short metrics table on stdout."""
     m = record["metrics"]
@@ -417,6 +662,7 @@ def print_summary(record: dict[str, Any], run_dir: Path) -> None:
         ("train seconds", f"{sum(record['train_seconds'].values()):.1f}"),
         ("inference ms/img", f"{record['inference_ms_per_image']:.1f}"),
         *_speed_rows(record.get("inference")),
+        *_threshold_rows(record.get("thresholds") or {}),
         ("record", str(run_dir / RECORD_NAME)),
     ]
     width = max(len(k) for k, _ in rows)

@@ -21,15 +21,19 @@ from typing import Any
 from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from stad.distributed import is_rank_zero
 from stad.errors import IncompatibleError, StadError
 from stad.results import (
+    FAILED_NAME,
     RECORD_NAME,
     config_hash,
     find_previous_run,
+    find_unfinished_run,
     read_record,
     register_run,
+    register_started,
     write_json_atomic,
 )
 
@@ -61,6 +65,9 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
             if cfg.get("objective"):
                 return objective_value(read_record(previous / RECORD_NAME), str(cfg.objective))
             return {"status": "exists", "run_dir": str(previous), "config_hash": key}
+    if multirun:
+        run_dir = _resume_unfinished(cfg, key, run_dir)
+        register_started(cfg.output_root, key, run_dir)
     try:
         record = run(cfg, run_dir)
     except IncompatibleError as err:
@@ -70,10 +77,42 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         skipped = {"reason": str(err), "config_hash": key, "created": _now()}
         write_json_atomic(run_dir / SKIPPED_NAME, skipped)
         return {"status": "skipped", "reason": str(err), "config_hash": key}
-    register_run(cfg.output_root, key, run_dir)
+    except Exception as err:
+        if multirun:
+            write_json_atomic(run_dir / FAILED_NAME, failure_record(cfg, key, err))
+        raise
+    if is_rank_zero():
+        register_run(cfg.output_root, key, run_dir)
     if cfg.get("objective"):
         return objective_value(record, str(cfg.objective))
     return {"status": "done", "run_dir": str(run_dir), "config_hash": key, **record["metrics"]}
+
+
+def _resume_unfinished(cfg: DictConfig, key: str, run_dir: Path) -> Path:
+    """Where this job runs: the directory of its unfinished earlier attempt (resumed), if any."""
+    unfinished = find_unfinished_run(cfg.output_root, key)
+    if unfinished is None or cfg.get("force", False):
+        return run_dir
+    log.info("resuming the unfinished run in %s (config %s)", unfinished, key[:12])
+    cfg.resume = True
+    return unfinished
+
+
+def failure_record(cfg: DictConfig, key: str, err: BaseException) -> dict[str, Any]:
+    """What the leaderboard lists for a run that failed (and never averages in)."""
+    return {
+        "status": "failed",
+        "reason": str(err).splitlines()[0] if str(err) else type(err).__name__,
+        "error": type(err).__name__,
+        "dataset": cfg.dataset.name,
+        "category": cfg.dataset.category,
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": key,
+        "created": _now(),
+    }
 
 
 def objective_value(record: dict[str, Any], name: str) -> float:

@@ -3,14 +3,18 @@
 A dataset reader (``mvtec.py``, ...) only lists files as :class:`Sample` s and checks the layout;
 :class:`AnomalyDataset` decodes, resizes and serves them as the batch dict of the contract
 (``image``, ``mask``, ``label``, ``path``, ``defect``), and :class:`DatasetSplits` carries the
-train/test datasets with a summary for the run record.
+train/test datasets with a summary for the run record. :func:`data_fingerprint` identifies the
+files a run reads, from their names and sizes, for the run record.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from stad.data.images import (
     DecodeCache,
@@ -78,6 +82,20 @@ class Sample:
                 "1 (anomalous). This is a bug in the dataset reader that listed it."
             )
 
+    def files(self) -> tuple[Path, ...]:
+        """Every file this sample reads: each Path field, and each Path in a tuple/list field.
+
+        Generic over subclasses, so a reader that adds a file to its samples (MVTec 3D-AD's
+        ``xyz_path``, MVTec LOCO's ``channels``) is covered without code here. In field order,
+        without repeats.
+        """
+        found: dict[Path, None] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            values = value if isinstance(value, tuple | list) else (value,)
+            found.update((v, None) for v in values if isinstance(v, Path))
+        return tuple(found)
+
 
 @dataclass
 class DatasetSplits:
@@ -93,6 +111,8 @@ class DatasetSplits:
         metrics: The dataset's own test metrics beside the common ones, by record name, as
             factories of torchmetrics Metrics (e.g. MVTec LOCO's sPRO); see
             ``stad.core.update_metric`` for what their ``update`` receives.
+        extra_files: Files the reader read besides the samples' own (a split list, a defect
+            config), counted by :func:`data_fingerprint`.
     """
 
     train: Dataset
@@ -100,6 +120,7 @@ class DatasetSplits:
     info: dict[str, Any] = field(default_factory=dict)
     validation: Dataset | None = None
     metrics: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    extra_files: tuple[Path, ...] = ()
 
 
 class AnomalyDataset(Dataset):
@@ -170,6 +191,14 @@ class AnomalyDataset(Dataset):
     def labels(self) -> list[int]:
         """The label of every sample, in order."""
         return [s.label for s in self.samples]
+
+    def files(self) -> list[Path]:
+        """Every file the dataset reads (images, masks, point clouds, ...), in sample order,
+        without repeats (see :meth:`Sample.files`)."""
+        found: dict[Path, None] = {}
+        for sample in self.samples:
+            found.update(dict.fromkeys(sample.files()))
+        return list(found)
 
     def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, int | None]:
         """Decode one sample: image uint8 (3, H, W), mask uint8 (H, W) in {0, 1}, and the mask's
@@ -270,3 +299,91 @@ def list_few(items: Sequence[object], limit: int = _MAX_LISTED) -> str:
     """The first ``limit`` items joined by commas, then how many more there are (for messages)."""
     listed = ", ".join(str(item) for item in items[:limit])
     return listed + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def data_fingerprint(splits: DatasetSplits) -> dict[str, Any]:
+    """Identify the files a run reads, cheaply: their relative paths, split and sizes, hashed.
+
+    Every file of the train, validation and test samples (images, masks, point clouds, ...; see
+    :meth:`AnomalyDataset.files`) and ``splits.extra_files`` is listed as one line
+    ``<split>\t<relative path>\t<size in bytes>``; the sorted lines are hashed with SHA-256.
+    Paths are relative to the dataset root (``splits.info["root"]``) when every file lies under
+    it, else to the files' common folder, in POSIX form and Unicode NFC (a copy made on macOS,
+    which stores names decomposed, fingerprints like the original), so the same layout at
+    another location gives the same fingerprint. The split is part of each line, so moving a
+    file from train to test changes it. Only ``stat`` is called, no content is read: an edit
+    that keeps a file's size is not seen (file modification times differ between copies and are
+    not used).
+
+    Args:
+        splits: The datasets of a run.
+
+    Returns:
+        ``{"files": number of distinct files, "sha256": hex digest, "bytes": their total size}``.
+
+    Raises:
+        DatasetError: A listed file no longer exists.
+        TypeError: A dataset does not list its files (no ``files()`` method).
+    """
+    roles = [("train", splits.train), ("validation", splits.validation), ("test", splits.test)]
+    listed = [(role, path) for role, dataset in roles for path in _dataset_files(dataset)]
+    listed += [("extra", Path(path)) for path in splits.extra_files]
+    absolute = [(role, Path(os.path.abspath(path))) for role, path in listed]
+    base = _fingerprint_base([path for _, path in absolute], splits.info.get("root"))
+    sizes: dict[Path, int] = {}
+    lines = []
+    for role, path in absolute:
+        if path not in sizes:
+            sizes[path] = _file_size(path)
+        relative = unicodedata.normalize("NFC", path.relative_to(base).as_posix())
+        lines.append(f"{role}\t{relative}\t{sizes[path]}\n")
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        # surrogateescape: names that are not valid UTF-8 on disk still hash (as their bytes).
+        digest.update(line.encode("utf-8", "surrogateescape"))
+    return {"files": len(sizes), "sha256": digest.hexdigest(), "bytes": sum(sizes.values())}
+
+
+def _dataset_files(dataset: Dataset | None) -> Iterable[Path]:
+    """The files of a dataset, through the torch wrappers a caller may have put around it."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, Subset):
+        inner = dataset.dataset
+        if isinstance(inner, AnomalyDataset):
+            return [p for i in dataset.indices for p in inner.samples[int(i)].files()]
+        return _dataset_files(inner)
+    if isinstance(dataset, ConcatDataset):
+        return [p for part in dataset.datasets for p in _dataset_files(part)]
+    files = getattr(dataset, "files", None)
+    if not callable(files):
+        raise TypeError(
+            f"{type(dataset).__name__} cannot list its files for data_fingerprint; give it a "
+            "files() method (AnomalyDataset has one)."
+        )
+    return files()
+
+
+def _fingerprint_base(paths: list[Path], root: object) -> Path:
+    """The folder paths are made relative to: the dataset root if it holds them all, else the
+    deepest folder that does."""
+    if root is not None:
+        base = Path(os.path.abspath(Path(str(root)).expanduser()))
+        if all(path.is_relative_to(base) for path in paths):
+            return base
+    if not paths:
+        return Path(os.path.abspath(os.sep))
+    return Path(os.path.commonpath([str(path.parent) for path in paths]))
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as err:
+        raise DatasetError(
+            f"Dataset file {path} cannot be read any more ({err}); it was listed when the "
+            "dataset was built. Restore it, or rebuild the dataset."
+        ) from err

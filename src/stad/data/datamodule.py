@@ -3,6 +3,11 @@
 Validation images are normal training images held out by a seeded permutation, for methods that
 need normal validation statistics (score normalisation, quantiles) or a stopping rule. The test
 set never selects or normalises anything: it only feeds the final metrics.
+
+Under DDP (``trainer=ddp``) each process trains on its share of the shuffled training images, sees
+every validation image (so selection and fitted statistics are the same on every process and
+equal a single process's), and tests on its own share of the test set: each test image on
+exactly one process, carrying its test-set ``index`` so the processes' report examples merge.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from stad.data.base import DatasetSplits
+from stad.distributed import shard_sampler, train_sampler
 from stad.errors import StadError
 
 
@@ -100,19 +106,32 @@ class AnomalyDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        # A generator of its own keeps the shuffle order a function of the seed alone, whatever
-        # the model's initialisation drew from the global RNG.
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self._train, self.batch_size, shuffle=True, generator=generator)
+        # The shuffle order is a function of the seed and the epoch alone (stad.distributed),
+        # whatever the model's initialisation drew from the global RNG.
+        return self._loader(
+            self._train, self.batch_size, sampler=train_sampler(self._train, self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         # Lightning skips validation for an empty list; None would be rejected.
         if len(self._val) == 0:
             return []
-        return self._loader(self._val, self.eval_batch_size, shuffle=False)
+        # Every process sees every validation image, even under DDP: a stage's weight selection
+        # and a method's calibration statistics must not depend on the number of processes.
+        return self._loader(self._val, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.test, self.eval_batch_size, shuffle=False)
+        return self.sharded_loader(self.splits.test)
+
+    def sharded_loader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation loader over ``dataset`` in order: the whole set on a single process;
+        under DDP this process's share, each image on exactly one process, with its index in
+        ``dataset`` as the batch entry ``index``. Metrics that synchronise across processes
+        (stad.metrics) then count every image once."""
+        sampler = shard_sampler(dataset)
+        if sampler is None:
+            return self._loader(dataset, self.eval_batch_size)
+        return self._loader(IndexedDataset(dataset), self.eval_batch_size, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
@@ -121,18 +140,35 @@ class AnomalyDataModule(L.LightningDataModule):
         self,
         dataset: Dataset,
         batch_size: int,
-        shuffle: bool,
-        generator: torch.Generator | None = None,
+        sampler: Sampler | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
-            generator=generator,
+            # A generator of its own for every loader: creating an iterator draws a seed from
+            # it, never from the global RNG, so the random numbers a method draws while
+            # training do not depend on when Lightning builds its iterators (a resumed run
+            # builds them at other moments than an uninterrupted one).
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+
+class IndexedDataset(Dataset):
+    """A dataset whose samples also carry their index (``sample["index"]``), so evaluation on
+    several processes knows where in the set each image was."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "index": index}
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -3,7 +3,9 @@
 Images are resized with antialiased bilinear interpolation and never cropped (implicit centre
 crops shifted heat maps against masks in peer projects). Masks are binarised with ``> 0`` at their
 original resolution, then resized with nearest-neighbour sampling so they stay binary.
-Every decoding failure becomes a :class:`~stad.errors.DatasetError` naming the file.
+Every decoding failure becomes a :class:`~stad.errors.DatasetError` naming the file; truncated
+files are errors, never padded (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay off).
+Alpha channels are dropped, never composited: the stored colours are the picture.
 :class:`DecodeCache` keeps decoded, resized arrays on disk so later runs skip decoding.
 """
 
@@ -21,7 +23,7 @@ from numbers import Integral
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from stad.errors import DatasetError
 
@@ -86,7 +88,13 @@ def as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open ``path`` and decode its pixels, or raise a :class:`DatasetError` naming it."""
+    """Open ``path`` and decode its pixels, or raise a :class:`DatasetError` naming it.
+
+    Raises:
+        DatasetError: The file is missing, truncated, corrupt or not an image PIL reads, or
+            PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on in this process.
+    """
+    _refuse_truncated_loading(path)
     try:
         with Image.open(path) as img:
             img.load()
@@ -95,9 +103,25 @@ def open_image(path: Path) -> Image.Image:
         raise DatasetError(f"Image file {path} does not exist; check the dataset folder.") from err
     except _DECODE_ERRORS as err:
         raise DatasetError(
-            f"Cannot decode image file {path} ({type(err).__name__}: {err}). The file is corrupt "
-            "or not an image: replace it with the original from the dataset archive, or delete it."
+            f"Cannot decode image file {path} ({type(err).__name__}: {err}). The file is "
+            "truncated, corrupt or not an image PIL can read: replace it with the original from "
+            "the dataset archive (or save it as an 8-bit PNG), or delete it."
         ) from err
+
+
+def _refuse_truncated_loading(path: Path) -> None:
+    """Stop if some code in this process told PIL to pad truncated files.
+
+    With ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` PIL fills the missing part of a cut file with
+    grey/black and reports success, which would train and evaluate on broken images silently.
+    The flag is process-wide, so it cannot be switched off for stad's reads alone.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DatasetError(
+            f"Refusing to decode {path}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this "
+            "process, so truncated files would be read as partly blank images without an error. "
+            "Set PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False (the default) before running stad."
+        )
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
@@ -114,16 +138,39 @@ def read_image_size(path: Path) -> tuple[int, int]:
     except _DECODE_ERRORS as err:
         raise DatasetError(
             f"Cannot read image file {path} ({type(err).__name__}: {err}). The file is corrupt "
-            "or not an image: replace it with the original from the dataset archive, or delete it."
+            "or not an image PIL can read: replace it with the original from the dataset archive "
+            "(or save it as an 8-bit PNG), or delete it."
         ) from err
+
+
+def drop_alpha(img: Image.Image) -> Image.Image:
+    """The image without its alpha channel: colours (or grey levels) exactly as stored.
+
+    Alpha is dropped, not composited onto a background: compositing onto black would turn
+    transparent pixels into black garbage, onto white would invent a colour, while the stored
+    colours are what the camera saw (datasets ship RGBA only by accident of export). Palette
+    images are expanded through their palette first (``P`` with transparency via ``RGBA``, which
+    also avoids PIL's warning about byte transparency).
+    """
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa"):
+        return img.convert("RGB")
+    if img.mode == "LA":
+        return img.convert("L")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (greyscale is repeated over three channels).
 
     16-bit and float greyscale images are scaled to 0..255 first: PIL's own conversion of those
-    modes clips instead of scaling.
+    modes clips instead of scaling. Alpha is dropped (see :func:`drop_alpha`); 1-bit images
+    become 0/255.
     """
+    img = drop_alpha(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -142,20 +189,47 @@ def binarise_mask(img: Image.Image) -> np.ndarray:
     """Binary mask of a mask image: every non-zero pixel is anomalous.
 
     ``> 0`` rather than ``/ 255``: MVTec LOCO stores some defects with values 236..254, which a
-    division to uint8 empties. Colour masks count a pixel if any channel is non-zero; palette masks
-    are read through their palette; an alpha channel is ignored.
+    division to uint8 empties, VisA stores defect indices 1, 2, ..., and masks saved as 0/1 must
+    not become empty. Soft (anti-aliased) edges count as anomalous down to value 1. Any bit
+    depth: 16-bit and float masks are compared raw. Colour masks count a pixel if any channel is
+    non-zero; palette masks are read through their palette; an alpha channel is ignored.
 
     Returns:
         uint8 array (H, W) with values in {0, 1}, at the file's resolution.
     """
-    if img.mode == "P":
-        img = img.convert("RGB")
-    elif img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGB" if img.mode != "LA" else "L")
-    arr = np.asarray(img)
+    arr = np.asarray(drop_alpha(img))
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     return (arr > 0).astype(np.uint8)
+
+
+def mask_levels(img: Image.Image) -> np.ndarray:
+    """Coverage of each pixel of a soft-edged mask on the 8-bit scale, for thresholded masks.
+
+    For readers whose masks are thresholded rather than binarised with ``> 0`` (MTD's
+    anti-aliased masks, ``>= 128``): every storage gives the same levels. 16-bit masks are
+    scaled by 65535 (PIL's ``convert("L")`` clips them: 300/65535 would read 255); colour masks
+    take the brightest channel (``convert("L")`` weighs pure blue as 29/255); alpha is dropped;
+    masks stored as 0/1 (maximum 1, any mode) and float masks in [0, 1] are scaled to 0/255.
+
+    Returns:
+        uint8 array (H, W) in 0..255, at the file's resolution.
+    """
+    img = drop_alpha(img)
+    if img.mode not in ("1", "L", "I", "F") and not img.mode.startswith("I;16"):
+        img = img.convert("RGB")
+    arr = np.asarray(img).astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(arr.max()) if arr.size else 0.0
+    if peak <= 1.0:  # 0/1, 1-bit (read as bool) and [0, 1] float masks
+        scale = 255.0
+    elif img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    return np.clip(arr * scale, 0, 255).round().astype(np.uint8)
 
 
 def resize_rgb(img: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
@@ -242,7 +316,13 @@ def load_mask(
     """
     img = open_image(path)
     check_mask_size(path, img.size, image_path, image_size)
-    binary = binarise_mask(img)
+    try:
+        binary = binarise_mask(img)
+    except _DECODE_ERRORS as err:
+        raise DatasetError(
+            f"Cannot read mask file {path} (mode {img.mode}: {err}); save it as an 8-bit "
+            "greyscale PNG (0 normal, > 0 anomalous)."
+        ) from err
     return resize_mask(binary, size_hw), int(binary.sum())
 
 

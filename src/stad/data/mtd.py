@@ -37,6 +37,7 @@ from stad.data.images import (
     list_images,
     list_subfolders,
     load_rgb,
+    mask_levels,
     open_image,
     resize_mask,
 )
@@ -250,7 +251,7 @@ class MTDDataset(AnomalyDataset):
             return chw, np.zeros(self.image_size, dtype=np.uint8), None
         img = open_image(sample.mask_path)
         check_mask_size(sample.mask_path, img.size, sample.image_path, original_size)
-        binary = (np.asarray(img.convert("L")) >= self.mask_threshold).astype(np.uint8)
+        binary = (mask_levels(img) >= self.mask_threshold).astype(np.uint8)
         return chw, resize_mask(binary, self.image_size), int(binary.sum())
 
 

@@ -7,7 +7,8 @@ Layout (Bergmann et al., VISAPP 2022)::
 
 Every test image has a ground-truth mask of the same stem (all zero for ``good``). The ``xyz``
 TIFF is an organised point cloud, float32 (H, W, 3) in metres, with the RGB image's size; missing
-points are zero (or NaN). Its z channel becomes two maps (full resolution, then resized):
+points are zero (NaN and ±inf are treated the same way, so no NaN reaches depth or foreground).
+Its z channel becomes two maps (full resolution, then resized):
 
 1. :func:`fill_missing`: a missing z takes the mean of the valid z of its 3×3 window, 3 passes;
 2. :func:`fit_background_plane`: a bilinear surface through the four image corners, each the
@@ -237,10 +238,11 @@ def read_xyz(path: Path) -> np.ndarray:
     """Decode an organised point cloud TIFF.
 
     Returns:
-        float32 (H, W, 3): x, y, z per pixel.
+        float32 (H, W, 3): x, y, z per pixel; NaN/inf kept (:func:`fill_missing` treats them as
+        missing points).
 
     Raises:
-        DatasetError: The file is missing, unreadable or not (H, W, 3).
+        DatasetError: The file is missing, unreadable, not (H, W, 3) or not floating point.
     """
     try:
         xyz = tifffile.imread(path)
@@ -253,7 +255,7 @@ def read_xyz(path: Path) -> np.ndarray:
             f"Cannot decode point cloud file {path} ({type(err).__name__}: {err}); replace it "
             "with the original from the dataset archive."
         ) from err
-    _check_xyz_shape(path, xyz.shape)
+    _check_xyz_array(path, xyz.shape, xyz.dtype)
     return xyz.astype(np.float32, copy=False)
 
 
@@ -262,6 +264,7 @@ def _read_xyz_shape(path: Path) -> tuple[int, ...]:
     try:
         with tifffile.TiffFile(path) as tif:
             shape = tuple(tif.series[0].shape)
+            dtype = np.dtype(tif.series[0].dtype)
     except FileNotFoundError as err:
         raise DatasetError(
             f"Point cloud file {path} does not exist; check the dataset folder."
@@ -271,15 +274,22 @@ def _read_xyz_shape(path: Path) -> tuple[int, ...]:
             f"Cannot read point cloud file {path} ({type(err).__name__}: {err}); replace it "
             "with the original from the dataset archive."
         ) from err
-    _check_xyz_shape(path, shape)
+    _check_xyz_array(path, shape, dtype)
     return shape
 
 
-def _check_xyz_shape(path: Path, shape: tuple[int, ...]) -> None:
+def _check_xyz_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     if len(shape) != 3 or shape[2] != 3:
         raise DatasetError(
             f"Point cloud file {path} holds an array of shape {shape}; MVTec 3D-AD xyz files are "
             "(height, width, 3) float arrays (x, y, z). Replace it with the original file."
+        )
+    # An integer array is an image saved under xyz/ (or millimetres): the 7 mm foreground
+    # threshold and the centimetre depth would silently be meaningless.
+    if not np.issubdtype(dtype, np.floating):
+        raise DatasetError(
+            f"Point cloud file {path} holds {dtype} values; MVTec 3D-AD xyz files are float "
+            "arrays of coordinates in metres. Replace it with the original file."
         )
 
 

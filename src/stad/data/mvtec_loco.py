@@ -389,6 +389,8 @@ def build_mvtec_loco(
         validation=AnomalyDataset(validation, size_hw, preload=preload),
     )
     splits.metrics = {"spro": partial(SPRO, regions=regions, fpr_limit=spro_fpr_limit)}
+    # The saturation thresholds of sPRO come from it: part of the data fingerprint.
+    splits.extra_files = (Path(report.location) / DEFECTS_CONFIG,)
     splits.info = {
         "dataset": "mvtec_loco",
         "category": category,

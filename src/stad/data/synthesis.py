@@ -563,7 +563,15 @@ class AnomalySynthesizer:
         self.augmentations = augmentations
         self.min_pixels = min_pixels
         self.retries = retries
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the random stream at a point that depends on the seed and the epoch alone,
+        so a training resumed at an epoch draws what an uninterrupted one draws there."""
+        self.generator.manual_seed(
+            int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        )
 
     @torch.no_grad()
     def __call__(self, images: Tensor, foreground: Tensor | None = None) -> Synthesis:

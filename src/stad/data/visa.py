@@ -303,4 +303,9 @@ def build_visa(
     )
     split = str(split_file or SPLIT_FILE)
     splits.info = split_summary("visa", category, root, train, test, size_hw, split_file=split)
+    split_path = Path(split_file).expanduser() if split_file else Path(SPLIT_FILE)
+    # The split file decides what is train and test: part of the data fingerprint.
+    splits.extra_files = (
+        split_path if split_path.is_absolute() else Path(root).expanduser() / split_path,
+    )
     return splits

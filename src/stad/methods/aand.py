@@ -285,6 +285,11 @@ class AnomalyAmplificationLoss:
         self.max_normal = max_normal
         self.max_anomalous = max_anomalous
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at each epoch start: the synthetic anomalies of an epoch
+        depend on the seed and the epoch only (exact resume)."""
+        self.synthesizer.set_epoch(epoch)
+
     def __call__(self, method: Method, batch: Batch) -> dict[str, Tensor]:
         synth = self.synthesizer(batch["image"], batch.get("foreground"))
         teacher: AdvancedTeacher = method.teacher

@@ -110,13 +110,13 @@ class GaussianBlur(nn.Module):
             return maps
         radius = (self.kernel.numel() - 1) // 2
         k = self.kernel.to(maps.dtype)
-        channels = maps.shape[1]
-        kx = k.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-        ky = k.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-        out = F.pad(maps, (radius, radius, 0, 0), mode=_pad_mode(maps.shape[-1], radius))
-        out = F.conv2d(out, kx, groups=channels)
-        out = F.pad(out, (0, 0, radius, radius), mode=_pad_mode(maps.shape[-2], radius))
-        return F.conv2d(out, ky, groups=channels)
+        b, c, h, w = maps.shape
+        # Channels folded into the batch: the kernel keeps a fixed shape (exports to ONNX).
+        out = maps.reshape(b * c, 1, h, w)
+        out = F.pad(out, (radius, radius, 0, 0), mode=_pad_mode(w, radius))
+        out = F.conv2d(out, k.view(1, 1, 1, -1))
+        out = F.pad(out, (0, 0, radius, radius), mode=_pad_mode(h, radius))
+        return F.conv2d(out, k.view(1, 1, -1, 1)).reshape(b, c, h, w)
 
 
 def _pad_mode(length: int, radius: int) -> str:

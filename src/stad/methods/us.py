@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from stad.backbones import create_classifier
+from stad.backbones import create_classifier, loading_checkpoint
 from stad.core import Batch, Calibration, Features, Method, Scorer, Stage, StageModule, Student
 from stad.core import Teacher as TeacherBase
 from stad.data import build_dataset
@@ -372,6 +372,8 @@ def load_or_pretrain(p: int, cfg: DictConfig, backbone: DictConfig) -> tuple[Pat
     """The cached pretrained teacher of scale p, pretraining and caching it on a miss."""
     path = teacher_path(p, cfg, backbone)
     net = patch_net(p, cfg)
+    if loading_checkpoint():
+        return net, {"cache": "checkpoint", "path": str(path)}
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(saved["state_dict"])
@@ -651,7 +653,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     ]
     info: dict[str, Any] = {
         # The weights the teachers were distilled from (recorded when they were pretrained).
-        "teacher_weights": next(iter(pretraining.values()))["target_weights"],
+        "teacher_weights": next(iter(pretraining.values())).get("target_weights"),
         "scales": scales,
         "students_per_scale": int(cfg.students.count),
         "descriptor_dim": int(cfg.descriptor_dim),

@@ -377,6 +377,9 @@ def auroc_from_scores(
     if positive_scores.numel() == 0 or negative_scores.numel() == 0:
         return _nan(negative_scores.device)
     negatives = negative_scores if negatives_sorted else sort_scores(negative_scores)
+    # Sorted, the sum over positives does not depend on their order: the same value to the
+    # last bit however the images were split over batches or processes.
+    positive_scores = sort_scores(positive_scores)
     above, at_or_above = _normal_ranks(negatives, positive_scores)
     ones = torch.ones((), dtype=torch.float64, device=negatives.device).expand(above.shape)
     area, _ = area_from_masses(ones, above, at_or_above, negatives.numel(), positive_scores.numel())

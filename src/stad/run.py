@@ -379,13 +379,23 @@ def _trainer(
         enable_model_summary=False,
         log_every_n_steps=int(t.log_every_n_steps),
         num_sanity_val_steps=0,
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=name),
+        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=_log_version(run_dir, name)),
         callbacks=callbacks or [],
         # The datamodule shards the data itself (stad.distributed): Lightning's sampler would
         # repeat test images to even out the shares and split the validation images.
         use_distributed_sampler=False,
         **limits,
     )
+
+
+def _log_version(run_dir: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3`` ... when a resumed run meets its earlier logs (Lightning
+    would delete them)."""
+    version, attempt = name, 1
+    while (run_dir / "logs" / version).exists():
+        attempt += 1
+        version = f"{name}-{attempt}"
+    return version
 
 
 def stage_epochs(cfg: DictConfig, stage: Stage) -> int:

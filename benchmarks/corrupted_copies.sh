@@ -6,7 +6,7 @@
 set -uo pipefail
 SRC=$(realpath "${1:?usage: $0 <mvtec category folder>}")
 CAT=$(basename "$SRC")
-PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 B="$WORK/root/$CAT"

@@ -373,7 +373,8 @@ def _trainer(
         precision=t.precision,
         max_epochs=max_epochs,
         max_steps=int(t.max_steps),
-        deterministic=bool(t.deterministic),
+        # "warn": deterministic kernels where torch has them, a warning (not an error) elsewhere.
+        deterministic="warn" if str(t.deterministic) == "warn" else bool(t.deterministic),
         enable_progress_bar=bool(t.enable_progress_bar),
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -60,3 +60,27 @@ def test_a_diverging_loss_names_method_stage_epoch_step_and_fixes(tiny_config, t
     ):
         assert part in message
     assert not (tmp_path / "run" / RECORD_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["threshold.method=median"], "quantile, f1 or fixed"),
+        (["threshold.method=f1"], "threshold.labelled"),
+        (["threshold.method=fixed"], "threshold.image"),
+    ],
+)
+def test_threshold_settings_are_checked_before_training(
+    tiny_config, tmp_path, monkeypatch, overrides, words
+):
+    started = []
+    monkeypatch.setattr(run_module, "build_dataset", lambda *a: started.append(a))
+    with pytest.raises(StadError, match=words):
+        run(tiny_config(*overrides), tmp_path / "run")
+    assert not started
+
+
+def test_run_files_are_readable_by_the_team(tiny_config, tmp_path):
+    run(tiny_config(), tmp_path / "run")
+    for name in (RECORD_NAME, "model.safetensors", "report.html"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import stad
 from stad.backbones import weights_from_checkpoint
 from stad.core import Method
 from stad.errors import StadError
+from stad.results import write_atomic
 
 CHECKPOINT_NAME = "model.safetensors"
 # Bumped whenever the layout of the file changes; a different format never loads.
@@ -64,29 +62,17 @@ def save_checkpoint(
     run_dir: Path, method: Method, cfg: DictConfig, thresholds: dict[str, Any] | None = None
 ) -> Path:
     """Write ``run_dir/model.safetensors`` atomically and return its path."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in _state(method)}
+    state = method.state_dict().items()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state}
     metadata = {
         "format": str(CHECKPOINT_FORMAT),
         "stad_version": stad.__version__,
         "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
         "thresholds": json.dumps(thresholds or {}),
     }
-    path = run_dir / CHECKPOINT_NAME
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _state(method: Method) -> Iterator[tuple[str, Tensor]]:
-    """The persistent state of the method (parameters and buffers), each tensor once."""
-    yield from method.state_dict().items()
+    return write_atomic(
+        run_dir / CHECKPOINT_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+    )
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:

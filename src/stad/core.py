@@ -359,14 +359,18 @@ class StageModule(L.LightningModule):
         (false alarms first) and the lowest-scoring defects (misses first), half of each, ties
         to the earlier image (:func:`stad.distributed.example_key`). The processes of a DDP test
         merge theirs with :func:`stad.distributed.gather_examples`."""
-        for i in range(maps.shape[0]):
-            label = int(batch["label"][i])
+        if self.keep_examples == 0:
+            return
+        # One device-to-host copy per batch, not per image.
+        labels, values = batch["label"].tolist(), scores.tolist()
+        indices = batch["index"].tolist() if "index" in batch else None
+        for i, (label, score) in enumerate(zip(labels, values, strict=True)):
+            label = int(label)
             quota = (self.keep_examples + label) // 2
             if quota == 0:
                 continue
-            score = float(scores[i])
             # Under DDP the loader gives the test-set index; else images come in test-set order.
-            index = int(batch["index"][i]) if "index" in batch else first + i
+            index = int(indices[i]) if indices is not None else first + i
             key = example_key(score, label, index)
             same = [e for e in self.examples if e["label"] == label]
             if len(same) >= quota:

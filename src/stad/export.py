@@ -16,9 +16,7 @@ import contextlib
 import importlib
 import inspect
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,8 +42,8 @@ from stad.predict import (
     positive_int,
     resolve_device,
     usage,
-    write_atomic,
 )
+from stad.results import write_atomic
 
 if TYPE_CHECKING:
     from stad.checkpoint import LoadedRun
@@ -355,12 +353,13 @@ def export_run(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StadError(f"cannot create {out_dir} ({err.strerror or err})") from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    checked: dict[str, Any] = {}
+
+    def write_and_check(tmp: Path) -> None:
+        # Written, read back and compared before it takes the final name; a mismatch raises and
+        # write_atomic removes the file.
         example = images[: min(2, len(images))].to(torch_device)
-        exporter = WRITERS[fmt](method, example, tmp, opset)
+        checked["exporter"] = WRITERS[fmt](method, example, tmp, opset)
         exported = _outputs(RUNNERS[fmt](tmp, torch_device), images, batch_size)
         d_map, d_score = max_differences(eager, exported)
         if not (d_map <= tolerance and d_score <= tolerance):
@@ -369,9 +368,10 @@ def export_run(
                 f"{d_map:.3g}, max |Δscore| = {d_score:.3g} > tolerance {tolerance:g}; nothing "
                 f"was written. Export on the device you will run on (device=...), or report it"
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        checked.update(d_map=d_map, d_score=d_score)
+
+    write_atomic(target, write_and_check)
+    exporter, d_map, d_score = checked["exporter"], checked["d_map"], checked["d_score"]
     info = _info(
         loaded, fmt, target, exporter, source, len(images), d_map, d_score, tolerance, torch_device
     )

@@ -16,10 +16,8 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from stad.results import (
     UNHASHED_KEYS,
     config_hash,
     read_record,
+    write_atomic,
 )
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting
@@ -262,7 +261,7 @@ def report_failures(failures: Sequence[Failure], out: Path | None) -> None:
         return
     path = failed_path(out)
     if failures:
-        write_text_atomic(path, failed_csv(failures))
+        write_atomic(path, failed_csv(failures))
         print(
             f"stad-leaderboard: {len(failures)} failed runs (not in the table): see {path}",
             file=sys.stderr,
@@ -496,20 +495,6 @@ def to_markdown(rows: Sequence[Row], cols: Sequence[str], metrics: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """Readers see the old file or the complete new one, never a part (text or bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # like any written file, not mkstemp's private 0600
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # -- plots ----------------------------------------------------------------------------------
 def _series_key(row: Row) -> tuple[str, str, str, str]:
     return (row.method, row.backbone, row.params, row.revision)
@@ -633,7 +618,7 @@ def write_plots(
             png = io.BytesIO()
             figure = plot_figure(rows, metric, dataset, group_by)
             figure.savefig(png, format="png", dpi=PLOT_DPI)
-            write_text_atomic(path, png.getvalue())
+            write_atomic(path, png.getvalue())
             paths.append(path)
     return paths
 
@@ -762,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        write_text_atomic(args.out, text)
+        write_atomic(args.out, text)
         print(f"stad-leaderboard: wrote {args.out}", file=sys.stderr)
     report_failures(board.failures, args.out)
     if plot_dir is not None:

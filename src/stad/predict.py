@@ -19,7 +19,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from stad.data.images import (
     load_rgb,
 )
 from stad.errors import DatasetError, IncompatibleError, StadError
+from stad.results import write_atomic
 from stad.viz import overlay
 
 if TYPE_CHECKING:
@@ -677,18 +677,6 @@ def overlay_range(
 
 
 # -- writing ------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows as CSV text (floats in full precision)."""
     buffer = io.StringIO()

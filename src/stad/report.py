@@ -13,8 +13,6 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from stad.metrics.classes import thin_curve
+from stad.results import write_atomic
 from stad.viz import overlay
 
 REPORT_NAME = "report.html"
@@ -59,22 +58,6 @@ img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
 
 
 # -- files and figures (shared with the leaderboard) ------------------------------------------
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the complete new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the page from anyone else
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def new_figure(width: float, height: float) -> Figure:
     """A matplotlib figure on its own Agg canvas (inches; no pyplot, works without a display)."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -159,7 +142,7 @@ def write_report(
         + "\n</body>\n</html>\n"
     )
     path = Path(run_dir) / REPORT_NAME
-    write_bytes_atomic(path, page.encode("utf-8"))
+    write_atomic(path, page)
     return path
 
 

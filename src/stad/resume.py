@@ -30,6 +30,7 @@ from torch import Tensor
 
 from stad.distributed import is_rank_zero
 from stad.errors import StadError
+from stad.results import write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
@@ -69,24 +70,26 @@ def prepare(run_dir: Path, key: str, resume: bool) -> Path:
     """
     folder = run_dir / CHECKPOINT_DIR
     marker = folder / RUN_FILE
-    if not is_rank_zero():
-        return folder  # under DDP rank 0 keeps the checkpoints (and checks the marker)
     if marker.is_file():
         saved = json.loads(marker.read_text()).get("config_hash")
-        if not resume:
+        # Under Lightning's launcher the other DDP processes start after rank 0 wrote the
+        # marker of this very run: only rank 0 can tell a fresh run from an unfinished one.
+        if not resume and is_rank_zero():
             raise ResumeError(
                 f"{run_dir} holds an unfinished run; continue it with resume=true (same "
                 "config), or choose a new hydra.run.dir"
             )
-        if saved != key:
+        if resume and saved != key:
             raise ResumeError(
                 f"cannot resume {run_dir}: it was started with another config (hash "
                 f"{str(saved)[:12]}, this one {key[:12]}); use the same overrides as the first "
                 "start, or a new hydra.run.dir"
             )
         return folder
+    if not is_rank_zero():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(marker, lambda tmp: tmp.write_text(json.dumps({"config_hash": key})))
+    write_atomic(marker, json.dumps({"config_hash": key}))
     return folder
 
 
@@ -117,7 +120,7 @@ def save_done(folder: Path, stage: str, state: Mapping[str, Tensor], report: dic
         "report": dict(report),
         "rng": rng_state(),
     }
-    _write_atomic(folder / f"{stage}.done.pt", lambda tmp: torch.save(content, tmp))
+    write_atomic(folder / f"{stage}.done.pt", lambda tmp: torch.save(content, tmp))
     shutil.rmtree(folder / stage, ignore_errors=True)
 
 
@@ -142,14 +145,3 @@ class EpochCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

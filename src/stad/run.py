@@ -95,8 +95,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_writable(run_dir)
     _setup_torch(cfg)
     image_size = int(cfg.image_size)
+    check_threshold_config(cfg)
     with decode_cache(cfg.get("decode_cache")):
         splits = build_dataset(cfg.dataset, image_size)
+    # Before training: a file that moves during a long run must not lose the finished run.
+    fingerprint = data_fingerprint(splits)
     method = build_method(cfg.method, cfg.backbone)
     method.name = str(cfg.method.name)
     check_inputs(method, splits, cfg)
@@ -128,7 +131,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # Rank 0 only: processes timing at once on shared CPUs would skew the figure.
     speed = _time_inference(cfg, method, datamodule, channels_last) if is_rank_zero() else None
     examples = gather_examples(tested.examples, int(cfg.examples))  # collective: every rank
-    data_info = {**datamodule.info, "fingerprint": data_fingerprint(splits)}
+    data_info = {**datamodule.info, "fingerprint": fingerprint}
     record = _record(cfg, method, data_info, reports, tested.metrics, tested.extra, tested.ms)
     record["inference"] = speed
     record["thresholds"] = with_test_counts(thresholds, tested.counts)
@@ -162,6 +165,22 @@ def check_writable(run_dir: Path) -> None:
             f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a "
             "writable place with output_root=<dir> (or hydra.run.dir=<dir>)"
         ) from None
+
+
+def check_threshold_config(cfg: DictConfig) -> None:
+    """Stop before training when the threshold settings cannot work (not after hours of it)."""
+    threshold = cfg.get("threshold") or {}
+    how = str(threshold.get("method", "quantile"))
+    if how not in ("quantile", "f1", "fixed"):
+        raise StadError(f"threshold.method={how!r}; use quantile, f1 or fixed")
+    if how == "fixed" and threshold.get("image") is None and threshold.get("pixel") is None:
+        raise StadError("threshold.method=fixed needs threshold.image=<value> and/or .pixel=")
+    if how == "f1":
+        from stad.predict import read_labelled
+
+        if not threshold.get("labelled"):
+            raise StadError("threshold.method=f1 needs threshold.labelled=<labelled folder>")
+        read_labelled(Path(threshold.labelled))  # its layout errors, now
 
 
 def check_image_size(method: Method, image_size: int, cfg: DictConfig) -> None:

@@ -177,6 +177,13 @@ class FeatureExtractor(nn.Module):
         return list(self.model(self.normalize(x)))
 
 
+def total_stride(module: nn.Module) -> int | None:
+    """The coarsest stride of the feature extractors inside ``module`` (a method), or None if it
+    holds none: inputs smaller than it give empty feature maps."""
+    strides = [max(m.strides) for m in module.modules() if isinstance(m, FeatureExtractor)]
+    return max(strides) if strides else None
+
+
 def create_feature_extractor(
     name: str,
     layers: Sequence[int],

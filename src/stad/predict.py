@@ -307,10 +307,9 @@ class ScoredImages(NamedTuple):
 
 def network_stride(method: Method) -> int | None:
     """The coarsest stride of the method's backbone feature extractors, or None if it has none."""
-    from stad.backbones import FeatureExtractor
+    from stad.backbones import total_stride
 
-    strides = [max(m.strides) for m in method.modules() if isinstance(m, FeatureExtractor)]
-    return max(strides) if strides else None
+    return total_stride(method)
 
 
 def check_image_inputs(method: Method, name: str = "") -> None:

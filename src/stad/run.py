@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from stad import resume
-from stad.backbones import FeatureExtractor
+from stad.backbones import total_stride
 from stad.checkpoint import save_checkpoint
 from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
@@ -186,12 +186,12 @@ def check_threshold_config(cfg: DictConfig) -> None:
 def check_image_size(method: Method, image_size: int, cfg: DictConfig) -> None:
     """Stop when the images are smaller than the coarsest feature map's stride (their maps
     would be empty)."""
-    strides = [max(m.strides) for m in method.modules() if isinstance(m, FeatureExtractor)]
-    if strides and image_size < max(strides):
+    stride = total_stride(method)
+    if stride is not None and image_size < stride:
         raise StadError(
-            f"image_size={image_size} is smaller than the total stride {max(strides)} of "
+            f"image_size={image_size} is smaller than the total stride {stride} of "
             f"backbone {cfg.backbone.name} in method {cfg.method.name}: its feature maps would be "
-            f"empty; use image_size >= {max(strides)} (the paper uses {cfg.method.image_size})"
+            f"empty; use image_size >= {stride} (the paper uses {cfg.method.image_size})"
         )
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+
+from stad.data.synthetic import ensure_synthetic
 
 # A generated dataset small enough for seconds-long end-to-end runs on 2 CPU cores.
 TINY_DATA = [
@@ -80,3 +87,75 @@ def assert_steps_lower_the_loss(method, loss, optimizer, batch, steps: int = 3) 
     assert loss(method, batch)["loss"] < before
     after = method.teacher.parameters()
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, after, strict=True))
+
+
+# Uninformed Students shrunk to one small scale (its teacher pretrains in seconds).
+SMALL_US = [
+    "method.scales=[17]",
+    "method.width=0.0625",
+    "method.descriptor_dim=16",
+    "method.teacher.batch_size=4",
+]
+
+
+# -- a finished tiny run (predict and export tests) ---------------------------------------------
+@dataclass
+class TrainedRun:
+    """A finished tiny STFPM run and the test folder of its generated dataset."""
+
+    run_dir: Path
+    test_dir: Path
+    record: dict
+
+
+def train_tiny_run(cache: Path) -> TrainedRun:
+    """Train (once per cache folder) a tiny STFPM run (random ResNet-18, a few steps) on the
+    generated dataset at 64 px.
+
+    Shared by test_predict.py and test_export.py through the session's ``data_cache``: the first
+    caller trains into a temporary folder renamed into place, later callers reuse it.
+    """
+    cfg = compose_config(
+        [
+            f"dataset.root={cache}/synthetic",
+            f"output_root={cache}/outputs",
+            f"decode_cache={cache}/decoded",
+            "trainer=smoke",
+            *TINY_DATA,
+            "image_size=64",
+            # ResNet-18 traces ~3x faster than the demo's EfficientNet-Lite0 (export tests).
+            "backbone=resnet18",
+            "backbone.weights=random",
+        ]
+    )
+    run_dir = cache / "predict-run"
+    if not (run_dir / "record.json").is_file():
+        from stad.run import run
+
+        scratch = Path(tempfile.mkdtemp(prefix=".predict-run-", dir=cache))
+        run(cfg, scratch / "run")
+        try:
+            os.replace(scratch / "run", run_dir)
+        except OSError:  # another process of this session finished first
+            assert (run_dir / "record.json").is_file()
+        shutil.rmtree(scratch, ignore_errors=True)
+    root = ensure_synthetic(
+        cfg.dataset.root, categories=[cfg.dataset.category], **cfg.dataset.generator
+    )
+    record = json.loads((run_dir / "record.json").read_text())
+    return TrainedRun(run_dir, root / str(cfg.dataset.category) / "test", record)
+
+
+@pytest.fixture(scope="session")
+def trained(data_cache) -> TrainedRun:
+    """One tiny trained run per session, shared by the predict and export tests."""
+    return train_tiny_run(data_cache)
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny convolutions gain nothing from threads on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

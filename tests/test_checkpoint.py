@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config, random_batch
+from conftest import SMALL_US, compose_config, random_batch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -23,15 +23,6 @@ from stad.checkpoint import (
 from stad.methods import build_method
 
 METHODS = ["stfpm", "rd", "dskd", "ast", "aand", "us"]
-
-
-# Uninformed Students shrunk to one small scale (its teacher pretrains for two steps).
-SMALL_US = [
-    "method.scales=[17]",
-    "method.width=0.0625",
-    "method.descriptor_dim=16",
-    "method.teacher.batch_size=4",
-]
 
 
 def _small(method: str, tmp_path) -> list[str]:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, random_batch
-from test_predict import train_tiny_run
 
 from stad.backbones import weights_from_checkpoint
 from stad.checkpoint import load_run, save_checkpoint
@@ -31,19 +30,8 @@ from stad.methods import build_method
 
 TOLERANCE = 1e-4
 
-
-@pytest.fixture(scope="session")
-def trained(data_cache):
-    return train_tiny_run(data_cache)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from threads on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny convolutions gain nothing from threads on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _test_images(run_dir) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

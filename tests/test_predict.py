@@ -5,86 +5,24 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DATA, compose_config
+from conftest import compose_config
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from stad.backbones import weights_from_checkpoint
 from stad.checkpoint import load_run, save_checkpoint
 from stad.data import build_dataset
-from stad.data.synthetic import ensure_synthetic
 from stad.methods import build_method
 from stad.predict import main, read_labelled, read_png16_map, score_images
 
-
-@dataclass
-class TrainedRun:
-    """A finished tiny STFPM run and the test folder of its generated dataset."""
-
-    run_dir: Path
-    test_dir: Path
-    record: dict
-
-
-def train_tiny_run(cache: Path) -> TrainedRun:
-    """Train (once per cache folder) a tiny STFPM run (random ResNet-18, a few steps) on the
-    generated dataset at 64 px.
-
-    Shared by test_predict.py and test_export.py through the session's ``data_cache``: the first
-    caller trains into a temporary folder renamed into place, later callers reuse it.
-    """
-    cfg = compose_config(
-        [
-            f"dataset.root={cache}/synthetic",
-            f"output_root={cache}/outputs",
-            f"decode_cache={cache}/decoded",
-            "trainer=smoke",
-            *TINY_DATA,
-            "image_size=64",
-            # ResNet-18 traces ~3x faster than the demo's EfficientNet-Lite0 (export tests).
-            "backbone=resnet18",
-            "backbone.weights=random",
-        ]
-    )
-    run_dir = cache / "predict-run"
-    if not (run_dir / "record.json").is_file():
-        from stad.run import run
-
-        scratch = Path(tempfile.mkdtemp(prefix=".predict-run-", dir=cache))
-        run(cfg, scratch / "run")
-        try:
-            os.replace(scratch / "run", run_dir)
-        except OSError:  # another process of this session finished first
-            assert (run_dir / "record.json").is_file()
-        shutil.rmtree(scratch, ignore_errors=True)
-    root = ensure_synthetic(
-        cfg.dataset.root, categories=[cfg.dataset.category], **cfg.dataset.generator
-    )
-    record = json.loads((run_dir / "record.json").read_text())
-    return TrainedRun(run_dir, root / str(cfg.dataset.category) / "test", record)
-
-
-@pytest.fixture(scope="session")
-def trained(data_cache) -> TrainedRun:
-    return train_tiny_run(data_cache)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from threads on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny convolutions gain nothing from threads on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(out: Path, name: str = "predictions.csv") -> list[dict]:

@@ -5,15 +5,9 @@ check is in test_stfpm.py); the record holds what a rerun needs."""
 from __future__ import annotations
 
 import pytest
+from conftest import SMALL_US
 
 from stad.run import run
-
-SMALL_US = [
-    "method.scales=[17]",
-    "method.width=0.0625",
-    "method.descriptor_dim=16",
-    "method.teacher.batch_size=4",
-]
 
 
 def _overrides(method: str, tmp_path) -> list[str]:

@@ -73,10 +73,10 @@ def test_corrupt_entry_is_rebuilt(tmp_path: Path) -> None:
     samples = _samples(tmp_path)
     cache = DecodeCache(tmp_path / "cache")
     AnomalyDataset(samples, 16, cache=cache)
-    entries = sorted((tmp_path / "cache").rglob("*.npz"))
+    entries = sorted((tmp_path / "cache").rglob("*" + DecodeCache.SUFFIX))
     assert len(entries) == 2
     for entry in entries:
-        entry.write_bytes(b"not an npz file")
+        entry.write_bytes(b"not a cache entry")
     cache = DecodeCache(tmp_path / "cache")
     rebuilt = AnomalyDataset(samples, 16, cache=cache)
     assert cache.misses == 2
@@ -110,6 +110,72 @@ def test_the_run_config_reaches_every_dataset_built_in_its_block(tiny_config, tm
     with decode_cache(folder):
         splits = build_dataset(cfg.dataset, 64)
     assert splits.train.cache is not None and splits.test.cache is not None
-    n_files = len(list(folder.rglob("*.npz")))
+    n_files = len(list(folder.rglob("*" + DecodeCache.SUFFIX)))
     assert n_files == len(splits.train) + len(splits.test)
     assert build_dataset(cfg.dataset, 64).train.cache is None  # outside the block: off
+
+
+# ----------------------------------------------------------------------------- the raw format
+
+
+def _one_entry(tmp_path: Path) -> tuple[DecodeCache, str, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 16, 20), dtype=np.uint8)
+    mask = (rng.random((16, 20)) > 0.7).astype(np.uint8)
+    cache = DecodeCache(tmp_path / "cache")
+    cache.store("ab" + "0" * 62, image, mask, 17)
+    return cache, "ab" + "0" * 62, image, mask
+
+
+def test_raw_entry_round_trips_writable_arrays(tmp_path: Path) -> None:
+    cache, key, image, mask = _one_entry(tmp_path)
+    loaded = cache.load(key, (16, 20))
+    assert loaded is not None
+    np.testing.assert_array_equal(loaded[0], image)
+    np.testing.assert_array_equal(loaded[1], mask)
+    assert loaded[2] == 17 and loaded[0].flags.writeable and loaded[1].flags.writeable
+    cache.store(key, image, mask, None)
+    assert cache.load(key, (16, 20))[2] is None  # type: ignore[index]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "extend", "flip_pixel", "flip_count", "magic"])
+def test_damaged_raw_entry_is_a_miss(tmp_path: Path, damage: str) -> None:
+    cache, key, _, _ = _one_entry(tmp_path)
+    path = cache.path(key)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-1]
+    elif damage == "extend":
+        data += b"\0"
+    elif damage == "flip_pixel":
+        data[-5] ^= 1  # the checksum covers the payload
+    elif damage == "flip_count":
+        data[16] ^= 1  # the checksum covers the header's fields too
+    else:
+        data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert cache.load(key, (16, 20)) is None and cache.misses == 1
+
+
+def test_entry_read_at_another_size_is_a_miss(tmp_path: Path) -> None:
+    cache, key, _, _ = _one_entry(tmp_path)
+    assert cache.load(key, (20, 16)) is None  # same byte count, other layout
+    assert cache.load(key, (16, 21)) is None
+
+
+def test_reading_the_cache_parses_no_python_source(tmp_path: Path, monkeypatch) -> None:
+    """numpy's ``.npy`` header parsing (``ast.literal_eval``) races on CPython <= 3.11.7."""
+    import ast
+
+    samples = _samples(tmp_path)
+    AnomalyDataset(samples, 16, cache=tmp_path / "cache")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the decode cache parsed Python source")
+
+    monkeypatch.setattr(ast, "parse", refuse)
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", refuse)
+    monkeypatch.setattr(np.lib.format, "read_array_header_2_0", refuse)
+    cache = DecodeCache(tmp_path / "cache")
+    AnomalyDataset(samples, 16, cache=cache)
+    assert (cache.hits, cache.misses) == (2, 0)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import threading
 import warnings
-import zipfile
+import zlib
 from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
@@ -329,13 +330,19 @@ def load_mask(
 class DecodeCache:
     """Decoded and resized images and masks on disk, shared by every run (a sweep decodes once).
 
-    One ``.npz`` per sample (uint8 image (3, H, W), uint8 mask (H, W), the mask's anomalous
-    pixel count at the original resolution) under ``folder/<2 hex>/<sha256>.npz``. The name
-    hashes everything the decoded arrays depend on: the resolved image and mask paths, their
-    sizes and modification times (nanoseconds), the target size and the decoding version, so an
-    edited source file or another image size is a miss, never a stale hit. Unreadable entries are
-    misses and get rewritten; a cache that cannot be written only costs its speed-up (one
-    warning). Old entries are never deleted: remove the folder to reclaim the space.
+    One raw file per sample under ``folder/<2 hex>/<sha256>.raw``: a 32-byte header (magic,
+    height and width as uint32, the mask's anomalous pixel count at the original resolution as
+    int64, the CRC-32 of those fields and the payload), then the uint8 image (3, H, W) and the
+    uint8 mask (H, W). The layout is fixed by the target size, which is part of the key, so
+    reading an entry is one read and a few fixed-offset unpacks: no ``.npy`` header, whose
+    parsing (``ast.literal_eval`` inside ``numpy.load``) is not thread-safe on CPython up to
+    3.11.7 ("AST constructor recursion depth mismatch" in the preload threads).
+    The name hashes everything the decoded arrays depend on: the resolved image and mask paths,
+    their sizes and modification times (nanoseconds), the target size and the format version,
+    so an edited source file or another image size is a miss, never a stale hit. Entries of the
+    wrong length, magic or checksum are misses and get rewritten; a cache that cannot be written
+    only costs its speed-up (one warning). Old entries are never deleted: remove the folder to
+    reclaim the space.
 
     Args:
         folder: the cache folder, e.g. ``${STAD_CACHE:-~/.cache/stad}/decoded``.
@@ -344,8 +351,16 @@ class DecodeCache:
         hits, misses: lookups answered from disk / decoded (tests and the run record use them).
     """
 
-    #: Bump when decoding or resizing changes: every older entry then misses.
-    VERSION = 1
+    #: Bump when decoding, resizing or the file layout changes: every older entry then misses.
+    #: (1 was one ``.npz`` per sample.)
+    VERSION = 2
+    #: The file layout, named in benchmark rows.
+    FORMAT = "raw"
+    SUFFIX = ".raw"
+    _MAGIC = b"STADDC2\n"
+    # magic, height, width, pixel count (-1: no mask), CRC-32 of the payload
+    _HEADER = struct.Struct("<8sIIqI4x")
+    _CHECKED = 24  # the header bytes the checksum covers (all but the checksum itself)
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).expanduser()
@@ -364,40 +379,71 @@ class DecodeCache:
         text = json.dumps([self.VERSION, list(size_hw), sources])
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npz"
+    def path(self, key: str) -> Path:
+        """The file of entry ``key``."""
+        return self.folder / key[:2] / f"{key}{self.SUFFIX}"
 
     def load(
         self, key: str, size_hw: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray, int | None] | None:
-        """The cached ``(image (3, H, W), mask (H, W), pixel count or None)``, or None."""
+        """The cached ``(image (3, H, W), mask (H, W), pixel count or None)``, or None.
+
+        The arrays are writable views of one buffer read from the file (no copy)."""
+        height, width = size_hw
+        n_image, n_mask = 3 * height * width, height * width
+        size = self._HEADER.size + n_image + n_mask
+        buffer = bytearray(size + 1)  # one byte more: a longer file is not this entry
         try:
-            with np.load(self._path(key), allow_pickle=False) as entry:
-                image, mask = entry["image"], entry["mask"]
-                count = int(entry["n_pixels"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            self._count(hit=False)
+            with self.path(key).open("rb") as handle:
+                n_read = handle.readinto(buffer)
+        except OSError:
+            n_read = -1
+        entry = self._unpack(buffer, n_read, size, n_image, size_hw)
+        self._count(hit=entry is not None)
+        return entry
+
+    def _unpack(
+        self, buffer: bytearray, n_read: int, size: int, n_image: int, size_hw: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, int | None] | None:
+        if n_read != size:
             return None
-        if image.shape != (3, *size_hw) or mask.shape != size_hw or image.dtype != np.uint8:
-            self._count(hit=False)
+        magic, height, width, count, crc = self._HEADER.unpack_from(buffer)
+        if (magic, (height, width)) != (self._MAGIC, size_hw):
             return None
-        self._count(hit=True)
-        return image, mask, (None if count < 0 else count)
+        view = memoryview(buffer)
+        if _checksum(view[: self._CHECKED], view[self._HEADER.size : size]) != crc:
+            return None
+        pixels = np.frombuffer(
+            buffer, dtype=np.uint8, count=size - self._HEADER.size, offset=self._HEADER.size
+        )
+        image = pixels[:n_image].reshape(3, *size_hw)
+        mask = pixels[n_image:].reshape(size_hw)
+        return image, mask, (None if count < 0 else int(count))
 
     def store(self, key: str, image: np.ndarray, mask: np.ndarray, n_pixels: int | None) -> None:
         """Write an entry atomically (a temporary file renamed into place)."""
-        path = self._path(key)
+        path = self.path(key)
+        payload = (
+            np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+            + np.ascontiguousarray(mask, dtype=np.uint8).tobytes()
+        )
+        height, width = mask.shape
+        count = -1 if n_pixels is None else int(n_pixels)
+        fields = self._HEADER.pack(self._MAGIC, height, width, count, 0)[: self._CHECKED]
+        header = self._HEADER.pack(
+            self._MAGIC, height, width, count, _checksum(fields, memoryview(payload))
+        )
+        temporary: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-                np.savez(
-                    f,
-                    image=image,
-                    mask=mask,
-                    n_pixels=np.int64(-1 if n_pixels is None else n_pixels),
-                )
-            os.replace(f.name, path)
+                temporary = f.name
+                f.write(header)
+                f.write(payload)
+            os.replace(temporary, path)
         except OSError as err:
+            if temporary is not None:  # a full disk must not leave a partial entry behind
+                Path(temporary).unlink(missing_ok=True)
             if not self._warned:
                 self._warned = True
                 warnings.warn(
@@ -412,6 +458,12 @@ class DecodeCache:
                 self.hits += 1
             else:
                 self.misses += 1
+
+
+def _checksum(header: bytes | memoryview, payload: memoryview) -> int:
+    """CRC-32 of a cache entry's header fields and payload (zlib releases the GIL on large
+    buffers, so preload threads check entries in parallel)."""
+    return zlib.crc32(payload, zlib.crc32(header))
 
 
 def _identity(path: Path) -> list[object]:

@@ -81,6 +81,20 @@ its teachers; its dense inference is timed by `benchmarks/us_dense_speed.py` (12
 256-px image per scale network on one thread, docs/results.md).
 """
 
+PRELOAD = """\
+## Data: warm-cache preload
+
+`benchmarks/preload_speed.py`: building MVTec AD bottle's train + test datasets (292 images,
+256 px) when every decoded image is already in the decode cache, as the second and later runs
+of a sweep do (the dataset's threaded preload; median of the warm builds after one cold
+build). `npz` is the cache format up to d8a30b6 (one `.npz` per sample, read with
+`numpy.load`); `raw` is the fixed-layout format that replaced it because `numpy.load` parses
+every `.npy` header with `ast.literal_eval`, which is not thread-safe on CPython up to 3.11.7
+("AST constructor recursion depth mismatch" in the preload threads;
+tests/test_decode_cache_threads.py makes the old format fail on demand). The two formats were
+measured alternately on the same machine (`PYTHONPATH=<d8a30b6 checkout>/src` for `npz`).
+"""
+
 CHANGES = """\
 ## What was changed to speed things up
 
@@ -104,7 +118,8 @@ CHANGES = """\
   `stad.data.images.DecodeCache`): decoded and resized images and masks kept on disk across
   runs, keyed on the source files' path, size and modification time and the target size, so a
   sweep decodes each file once per image size. Within a run every image is decoded once anyway
-  (preloaded).
+  (preloaded). Entries are raw files of a fixed layout (a checked header and a CRC-32, no
+  `.npy` header to parse), read into one buffer each.
 - **Inference timing** (`stad.timing.measure_inference`): ms/image at batch 1 and images/s at
   batch 32 for any method, in every run record (`inference`; `trainer.inference_timing`).
 """
@@ -125,6 +140,9 @@ METRICS_COLUMNS = ["case", "total_s", "update_s", "compute_s", "metric_rss_mib",
 TRAINING_COLUMNS = ["method", "side", "image_size", "batch_size", "images_per_s",
                     "ratio_vs_anomalib", "teacher_ms_per_image", "student_forward_ms_per_image",
                     "backward_step_ms_per_image", "load_1min"]  # fmt: skip
+PRELOAD_COLUMNS = ["format", "commit", "category", "image_size", "images", "cold_s",
+                   "warm_median_s", "warm_min_s", "warm_images_per_s", "repeats",
+                   "load"]  # fmt: skip
 INFERENCE_COLUMNS = ["method", "side", "backbone", "image_size", "ms_per_image_batch1",
                      "images_per_s_batch32", "ratio_b1_vs_anomalib", "ratio_b32_vs_anomalib",
                      "error", "load_1min"]  # fmt: skip
@@ -161,6 +179,8 @@ def main() -> None:
         _table(results / "training_speed_first_epoch.csv", TRAINING_COLUMNS),
         INFERENCE,
         _table(results / "inference_speed.csv", INFERENCE_COLUMNS),
+        PRELOAD,
+        _table(results / "preload_speed.csv", PRELOAD_COLUMNS),
         CHANGES,
         OTHER,
     ]

@@ -277,7 +277,9 @@ def test_each_ablation_switch_builds_and_runs(tiny_config, switches, stages, key
         assert torch.allclose(method.stages[0].loss(method, batch)["loss"], flat + hkd)
     if "method.score=gate" in switches:
         gates = method.teacher(batch).gates
-        expected = sum(F.interpolate(a, size=(64, 64), mode="bilinear") for a in gates)
+        expected = sum(  # resampled as the stage-2 maps (method.scorer.align_corners)
+            F.interpolate(a, size=(64, 64), mode="bilinear", align_corners=True) for a in gates
+        )
         sharp = build_method(
             tiny_config("method=aand", *switches, "method.scorer.sigma=0").method, cfg.backbone
         )

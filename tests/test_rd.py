@@ -1,6 +1,7 @@
 """Reverse Distillation: shapes of every level, both loss variants, one optimisation step,
 config composition, and detection end to end on the generated dataset."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,18 +68,42 @@ def test_flat_loss_is_the_official_whole_map_cosine_and_differs_from_the_per_pos
     assert float(flat_cosine_loss(t, s)) < 1e-3
 
 
-def test_scorer_is_the_blurred_sum_of_per_level_cosine_distances(tiny_config):
-    cfg = tiny_config("method=rd", "method.scorer.sigma=0")
+def test_scorer_is_the_official_blurred_sum_of_per_level_cosine_distances(tiny_config):
+    """RD4AD's test.py: each level's 1 − cos upsampled with align_corners=True, summed,
+    scipy.ndimage.gaussian_filter(σ=4) with its default border (edge repeated), max."""
+    from scipy.ndimage import gaussian_filter
+
+    cfg = tiny_config("method=rd")
     method = build_method(cfg.method, cfg.backbone).eval()
     batch = random_batch()
-    t = method.teacher(batch)
-    s = method.student(batch, t)
-    maps, _ = method.scorer(t, s, batch)
-    expected = sum(
-        F.interpolate(1 - F.cosine_similarity(a, b).unsqueeze(1), size=(64, 64), mode="bilinear")
+    with torch.no_grad():
+        t = method.teacher(batch)
+        s = method.student(batch, t)
+        maps, scores = method.scorer(t, s, batch)
+    summed = sum(
+        F.interpolate(
+            1 - F.cosine_similarity(a, b).unsqueeze(1),
+            size=64,
+            mode="bilinear",
+            align_corners=True,
+        )
         for a, b in zip(t, s, strict=True)
     )
-    assert torch.allclose(maps, expected, atol=1e-5)
+    for i in range(len(maps)):
+        official = gaussian_filter(summed[i, 0].double().numpy(), sigma=4)
+        np.testing.assert_allclose(maps[i, 0].numpy(), official, rtol=1e-5, atol=1e-6)
+        assert abs(float(scores[i]) - official.max()) <= 1e-5 * official.max()
+
+
+def test_align_corners_changes_an_upsampled_map_inside_not_only_at_the_border():
+    """The fix pinned: RD4AD upsamples with align_corners=True; False moves interior pixels."""
+    from stad.methods.common import resize
+
+    level = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    pinned, centred = resize(level, (4, 4), align_corners=True), resize(level, (4, 4))
+    assert pinned[0, 0, 0, 0] == 0.0 and pinned[0, 0, -1, -1] == 3.0  # corners pinned
+    assert torch.isclose(pinned[0, 0, 1, 1], torch.tensor(1.0))  # (1/3, 1/3) of the way: 1.0
+    assert torch.isclose(centred[0, 0, 1, 1], torch.tensor(0.75))  # half-pixel centres: 0.75
 
 
 def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_config):

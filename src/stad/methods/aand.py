@@ -178,19 +178,21 @@ class TeacherOnlyScorer(Scorer):
     """Maps from the advanced teacher alone: ``gate`` = Σ_levels of the predicted gates;
     ``amplification`` = Σ_levels 1 − cos(F⁰, F^AT) (the official stage-1 evaluation)."""
 
-    def __init__(self, source: str, sigma: float = 4.0, reduction: str = "max") -> None:
+    def __init__(self, source: str, cfg: Any) -> None:
+        """``cfg``: the method's ``scorer`` block (as :meth:`SummedLevelScorer.from_config`)."""
         super().__init__()
         self.source = source
-        self.blur = GaussianBlur(sigma)
-        self.reduction = reduction
+        self.blur = GaussianBlur(float(cfg.sigma), border=str(cfg.blur_border))
+        self.reduction = str(cfg.reduction)
+        self.align_corners = bool(cfg.align_corners)
 
     def forward(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
         size = batch["image"].shape[-2:]
         if self.source == "gate":
-            levels = [resize(a.float(), size) for a in targets.gates]
+            levels = [resize(a.float(), size, self.align_corners) for a in targets.gates]
         else:
             levels = [
-                resize(cosine_distance(f0.float(), f.float()), size)
+                resize(cosine_distance(f0.float(), f.float()), size, self.align_corners)
                 for f0, f in zip(targets.vanilla, targets, strict=True)
             ]
         maps = self.blur(torch.stack(levels).sum(dim=0))
@@ -419,9 +421,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         student: Student = reverse_student(
             extractor.channels, extractor.strides, resnet_layout(backbone.name)
         )
-        scorer: Scorer = SummedLevelScorer(
-            cosine_distance, float(cfg.scorer.sigma), cfg.scorer.reduction
-        )
+        scorer: Scorer = SummedLevelScorer.from_config(cosine_distance, cfg.scorer)
         hkd_weight = float(cfg.distillation.hkd_weight) if cfg.hkd else 0.0
         top_k = int(cfg.distillation.top_k)
         distill_loss = partial(normality_distillation_loss, top_k=top_k, hkd_weight=hkd_weight)
@@ -429,5 +429,5 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         info.update(top_k=top_k, hkd_weight=hkd_weight)
     else:
         student = NoStudent()
-        scorer = TeacherOnlyScorer(str(cfg.score), float(cfg.scorer.sigma), cfg.scorer.reduction)
+        scorer = TeacherOnlyScorer(str(cfg.score), cfg.scorer)
     return Method(teacher, student, scorer, stages, info=info)

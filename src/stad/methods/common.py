@@ -64,11 +64,17 @@ def cosine_distance(t: Tensor, s: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
 
 
-def resize(maps: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize of B×1×h×w maps (align_corners=False, as the official codes)."""
+def resize(maps: Tensor, size: Sequence[int], align_corners: bool = False) -> Tensor:
+    """Bilinear resize of B×1×h×w maps.
+
+    ``align_corners=False`` (half-pixel centres) is what STFPM's code (``F.interpolate`` and
+    ``cv2.resize``) and AST's use; RD4AD's and AAND's test code upsample every level with
+    ``align_corners=True`` (corner pixels pinned), which moves the map everywhere, not only at
+    the border: their presets set ``scorer.align_corners: true``.
+    """
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def reduce_map(maps: Tensor, reduction: str = "max") -> Tensor:
@@ -92,16 +98,31 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
     return (kernel / kernel.sum()).float()
 
 
+BLUR_BORDERS = ("reflect", "mirror")
+"""Border rules of :class:`GaussianBlur`, in scipy.ndimage's names: ``reflect`` repeats the edge
+pixel (``d c b a | a b c d | d c b a``, scipy's default, what ``gaussian_filter`` in the official
+codes does); ``mirror`` does not (``d c b | a b c d | c b a``, torch's ``reflect`` padding)."""
+
+
 class GaussianBlur(nn.Module):
-    """Separable Gaussian smoothing of B×1×H×W maps with a static kernel.
+    """Separable Gaussian smoothing of B×1×H×W maps with a static kernel, equal to
+    ``scipy.ndimage.gaussian_filter(map, sigma, mode=border, truncate=4)`` on each map.
 
     Separable: a 33×33 2-D blur took ~40 % of a forward pass in a peer project. The kernel is a
-    buffer computed once, so the layer exports with a static shape. Borders are reflected.
+    buffer computed once, so the layer exports with a static shape. The border is extended by
+    gathering rows and columns (indices follow scipy's rule for any map size, also maps shorter
+    than the kernel's radius).
     """
 
-    def __init__(self, sigma: float, truncate: float = 4.0) -> None:
+    def __init__(self, sigma: float, truncate: float = 4.0, border: str = "reflect") -> None:
         super().__init__()
+        if border not in BLUR_BORDERS:
+            raise ValueError(
+                f"unknown blur border {border!r}: use one of {', '.join(BLUR_BORDERS)} "
+                "(scorer.blur_border)"
+            )
         self.sigma = sigma
+        self.border = border
         kernel = gaussian_kernel1d(sigma, truncate) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
 
@@ -113,12 +134,22 @@ class GaussianBlur(nn.Module):
         b, c, h, w = maps.shape
         # Channels folded into the batch: the kernel keeps a fixed shape (exports to ONNX).
         out = maps.reshape(b * c, 1, h, w)
-        out = F.pad(out, (radius, radius, 0, 0), mode=_pad_mode(w, radius))
+        out = out.index_select(3, border_index(w, radius, self.border, maps.device))
         out = F.conv2d(out, k.view(1, 1, 1, -1))
-        out = F.pad(out, (0, 0, radius, radius), mode=_pad_mode(h, radius))
+        out = out.index_select(2, border_index(h, radius, self.border, maps.device))
         return F.conv2d(out, k.view(1, 1, -1, 1)).reshape(b, c, h, w)
 
 
-def _pad_mode(length: int, radius: int) -> str:
-    # Reflection needs the padding to be shorter than the signal; tiny maps fall back to replicate.
-    return "reflect" if radius < length else "replicate"
+def border_index(
+    length: int, radius: int, border: str, device: torch.device | None = None
+) -> Tensor:
+    """Source index of each position of a signal of ``length`` extended by ``radius`` on both
+    sides under scipy.ndimage's ``reflect`` or ``mirror`` rule (periodic, so any radius works)."""
+    positions = torch.arange(-radius, length + radius, device=device)
+    if length == 1:
+        return torch.zeros_like(positions)
+    if border == "reflect":  # period 2L: ... a | a b c d | d ...
+        folded = positions.remainder(2 * length)
+        return torch.where(folded < length, folded, 2 * length - 1 - folded)
+    folded = positions.remainder(2 * length - 2)  # mirror, period 2L - 2: ... b | a b c d | c ...
+    return torch.where(folded < length, folded, 2 * length - 2 - folded)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -316,23 +317,45 @@ LevelDistance = Callable[[Tensor, Tensor], Tensor]
 class SummedLevelScorer(Scorer):
     """Σ_levels of per-position distance maps resized to the input, Gaussian-blurred, reduced."""
 
-    def __init__(self, distance: LevelDistance, sigma: float = 4.0, reduction: str = "max") -> None:
-        """Set the level distance, the blur and the image-score reduction.
+    def __init__(
+        self,
+        distance: LevelDistance,
+        sigma: float = 4.0,
+        reduction: str = "max",
+        align_corners: bool = False,
+        blur_border: str = "reflect",
+    ) -> None:
+        """Set the level distance, the map resampling, the blur and the image-score reduction.
 
         Args:
             distance: ``(t, s) -> B×1×h×w`` per level (e.g. ``common.cosine_distance``).
             sigma: Gaussian σ in pixels of the input (0: no blur).
             reduction: image score from the map (``common.reduce_map``).
+            align_corners: bilinear upsampling of the level maps (``common.resize``).
+            blur_border: the blur's border rule (``common.BLUR_BORDERS``).
         """
         super().__init__()
         self.distance = distance
-        self.blur = GaussianBlur(sigma)
+        self.blur = GaussianBlur(sigma, border=blur_border)
         self.reduction = reduction
+        self.align_corners = align_corners
+
+    @classmethod
+    def from_config(cls, distance: LevelDistance, cfg: Any) -> SummedLevelScorer:
+        """From a method's ``scorer`` block: ``sigma``, ``reduction``, ``align_corners``,
+        ``blur_border``."""
+        return cls(
+            distance,
+            float(cfg.sigma),
+            str(cfg.reduction),
+            align_corners=bool(cfg.align_corners),
+            blur_border=str(cfg.blur_border),
+        )
 
     def anomaly_map(self, targets: Features, preds: Features, size: Sequence[int]) -> Tensor:
         """B×1×H×W summed (not multiplied) level maps at ``size``, blurred."""
         levels = [
-            resize(self.distance(t.float(), s.float()), size)
+            resize(self.distance(t.float(), s.float()), size, self.align_corners)
             for t, s in zip(targets, preds, strict=True)
         ]
         return self.blur(torch.stack(levels).sum(dim=0))

@@ -117,7 +117,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     student = DualStudent(encoder, dfe, decoder, bool(cfg.detach_encoder))
     lam, power = float(cfg.lam), float(cfg.norm_power)
     distance = partial(dskd_distance, lam=lam, power=power)
-    scorer = SummedLevelScorer(distance, float(cfg.scorer.sigma), cfg.scorer.reduction)
+    scorer = SummedLevelScorer.from_config(distance, cfg.scorer)
     stage = Stage.from_config(
         "distill",
         cfg.stages.distill,

@@ -116,7 +116,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     layout = resnet_layout(backbone.name)
     extractor = teacher.extractor
     student = reverse_student(extractor.channels, extractor.strides, layout)
-    scorer = SummedLevelScorer(cosine_distance, float(cfg.scorer.sigma), cfg.scorer.reduction)
+    scorer = SummedLevelScorer.from_config(cosine_distance, cfg.scorer)
     stage = Stage.from_config(
         "distill",
         cfg.stages.distill,

@@ -1,5 +1,6 @@
 """STFPM: shapes of every level, the loss, one optimisation step, and detection end to end."""
 
+import pytest
 import torch
 from conftest import E2E_TRAINING, assert_steps_lower_the_loss, random_batch
 
@@ -79,3 +80,50 @@ def test_same_seed_same_numbers(tiny_config, tmp_path):
     first = run(cfg, tmp_path / "a")
     second = run(cfg, tmp_path / "b")
     assert first["metrics"] == second["metrics"]
+
+
+# ----------------------------------------------------------------------------- parity fixes
+
+
+def test_student_starts_as_torchvision_initialises_it_not_with_zeroed_blocks(tiny_config):
+    """Official student: models.resnet18(pretrained=False); timm's ResNet would zero each
+    block's last BatchNorm scale, so every residual block would start as the identity."""
+    cfg = tiny_config("backbone=resnet18", "backbone.weights=random")
+    student = build_method(cfg.method, cfg.backbone).student.extractor
+    norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
+    convs = [m for m in student.modules() if isinstance(m, torch.nn.Conv2d)]
+    conv = max(convs, key=lambda m: m.weight.numel())
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert abs(float(conv.weight.std()) / (2.0 / fan_out) ** 0.5 - 1.0) < 0.05
+    timm_cfg = tiny_config(
+        "backbone=resnet18", "backbone.weights=random", "method.student_init=timm"
+    )
+    timm_student = build_method(timm_cfg.method, timm_cfg.backbone).student.extractor
+    zeroed = [m for m in timm_student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(bool((m.weight == 0).all()) for m in zeroed)
+
+
+@pytest.mark.parametrize("n", [209, 60, 7])
+def test_sklearn_split_rule_equals_train_test_split(n):
+    """STFPM's official held-out split: train_test_split(files, test_size=0.2, random_state=0)."""
+    from sklearn.model_selection import train_test_split
+
+    from stad.data.datamodule import split_indices
+
+    train, val = split_indices(n, 0.2, seed=123, rule="sklearn", random_state=0)
+    expected_train, expected_val = train_test_split(list(range(n)), test_size=0.2, random_state=0)
+    assert train == sorted(expected_train) and val == sorted(expected_val)
+
+
+def test_stfpm_preset_holds_out_the_official_images_whatever_the_seed(tiny_config):
+    from stad.data.datamodule import split_indices
+    from stad.run import held_out_split
+
+    for seed in (0, 1):
+        cfg = tiny_config(f"seed={seed}")
+        split = held_out_split(cfg)
+        assert split == {"split_rule": "sklearn", "split_random_state": 0}
+        assert split_indices(50, 0.2, seed, split["split_rule"], split["split_random_state"]) == (
+            split_indices(50, 0.2, 0, "sklearn", 0)
+        )

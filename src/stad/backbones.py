@@ -275,6 +275,35 @@ def resolve_weights(name: str, weights: str) -> tuple[dict[str, Tensor] | None, 
     return _read_weights_file(name, weights)
 
 
+INIT_SCHEMES = ("timm", "torchvision")
+"""Random initialisations of a student backbone: ``timm`` is timm's own (its ResNets zero the
+last BatchNorm scale of every residual block, so each block starts as the identity);
+``torchvision`` is torchvision's ResNet init (the official STFPM student,
+``models.resnet18(pretrained=False)``): every convolution kaiming-normal (fan_out, relu), every
+norm layer weight 1 and bias 0, no zeroed block."""
+
+
+def initialise(module: nn.Module, scheme: str) -> nn.Module:
+    """Re-initialise ``module``'s convolutions and norm layers in place by ``scheme``.
+
+    Raises:
+        StadError: unknown scheme.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise StadError(
+            f"unknown student initialisation {scheme!r}; use one of {', '.join(INIT_SCHEMES)}"
+        )
+    if scheme == "timm":
+        return module
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return module
+
+
 # --- names and levels ------------------------------------------------------------------------
 
 

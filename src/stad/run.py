@@ -116,6 +116,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         num_workers=int(cfg.trainer.num_workers),
         val_fraction=held_out_fraction(cfg, method),
         seed=int(cfg.seed),
+        **held_out_split(cfg),
     )
     checkpoints = resume.prepare(run_dir, config_hash(cfg), bool(cfg.get("resume", False)))
     reports = [
@@ -215,6 +216,17 @@ def held_out_fraction(cfg: DictConfig, method: Method) -> float:
     if fraction == 0.0 and threshold.get("method", "quantile") == "quantile":
         fraction = float(threshold.get("val_fraction", 0.0))
     return fraction
+
+
+def held_out_split(cfg: DictConfig) -> dict[str, Any]:
+    """How the held-out images are drawn: the method's ``val_split`` (``rule``, ``random_state``;
+    e.g. STFPM's official sklearn split), else stad's permutation from the run's seed."""
+    split = cfg.method.get("val_split") or {}
+    state = split.get("random_state")
+    return {
+        "split_rule": str(split.get("rule", "seeded")),
+        "split_random_state": None if state is None else int(state),
+    }
 
 
 def choose_thresholds(

@@ -12,9 +12,11 @@ exactly one process, carrying its test-set ``index`` so the processes' report ex
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -36,6 +38,8 @@ class AnomalyDataModule(L.LightningDataModule):
             (``splits.validation``, e.g. MVTec 3D-AD) uses that split instead whenever
             ``val_fraction`` > 0, and trains on all its training images.
         seed: Seeds the held-out split and the training shuffle order.
+        split_rule, split_random_state: How the held-out images are drawn
+            (:data:`SPLIT_RULES`; :func:`split_indices`).
 
     Raises:
         StadError: A batch size, worker count or ``val_fraction`` is out of range, or the
@@ -50,6 +54,8 @@ class AnomalyDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.0,
         seed: int = 0,
+        split_rule: str = "seeded",
+        split_random_state: int | None = None,
     ) -> None:
         super().__init__()
         _check_range("batch_size", batch_size, minimum=1)
@@ -68,12 +74,16 @@ class AnomalyDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        self.split_rule = split_rule
+        self.split_random_state = split_random_state
         if splits.validation is not None and val_fraction > 0:
             self._train: Dataset = splits.train
             self._val: Dataset = splits.validation
             self._val_source = "the dataset's own validation split (normal images)"
         else:
-            train_idx, val_idx = split_indices(len(splits.train), val_fraction, seed)
+            train_idx, val_idx = split_indices(
+                len(splits.train), val_fraction, seed, split_rule, split_random_state
+            )
             self._train = Subset(splits.train, train_idx)
             self._val = Subset(splits.train, val_idx)
             self._val_source = "held-out normal training images"
@@ -103,6 +113,8 @@ class AnomalyDataModule(L.LightningDataModule):
             "val_fraction": self.val_fraction,
             "val_source": self._val_source if len(self._val) else "none",
             "split_seed": self.seed,
+            "split_rule": self.split_rule,
+            "split_random_state": self.split_random_state,
         }
 
     def train_dataloader(self) -> DataLoader:
@@ -171,24 +183,44 @@ class IndexedDataset(Dataset):
         return {**self.dataset[index], "index": index}
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+SPLIT_RULES = ("seeded", "sklearn")
+"""How held-out images are drawn: ``seeded`` is stad's permutation from the run's seed,
+``round(n·fraction)`` held out; ``sklearn`` is ``sklearn.model_selection.train_test_split(range(n),
+test_size=fraction, random_state=state)`` (numpy's legacy ``RandomState(state).permutation``,
+``ceil(n·fraction)`` held out), e.g. STFPM's official split with ``random_state=0``."""
+
+
+def split_indices(
+    n: int, val_fraction: float, seed: int, rule: str = "seeded", random_state: int | None = None
+) -> tuple[list[int], list[int]]:
     """Split ``range(n)`` into sorted, disjoint (train, validation) indices.
 
-    The validation part is ``round(n * val_fraction)`` indices (at least one when the fraction is
-    positive), drawn by a permutation seeded with ``seed``: the same seed gives the same split.
+    With the ``seeded`` rule the validation part is ``round(n * val_fraction)`` indices (at least
+    one when the fraction is positive), drawn by a permutation seeded with ``seed``: the same seed
+    gives the same split. With ``sklearn`` it is scikit-learn's ``train_test_split`` rule with
+    ``random_state`` (default: ``seed``).
 
     Raises:
-        StadError: A positive fraction would leave no training image.
+        StadError: An unknown rule, or a positive fraction would leave no training image.
     """
+    if rule not in SPLIT_RULES:
+        raise StadError(
+            f"unknown held-out split rule {rule!r}; use one of {', '.join(SPLIT_RULES)}"
+        )
     if val_fraction <= 0.0:
         return list(range(n)), []
-    n_val = max(1, round(n * val_fraction))
+    sklearn = rule == "sklearn"
+    n_val = math.ceil(val_fraction * n) if sklearn else max(1, round(n * val_fraction))
     if n_val >= n:
         raise StadError(
             f"Holding out val_fraction={val_fraction} of {n} training image(s) leaves none to "
             "train on; lower val_fraction (or set it to 0)."
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    if sklearn:
+        state = seed if random_state is None else random_state
+        order = np.random.RandomState(state).permutation(n).tolist()
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 

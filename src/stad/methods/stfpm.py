@@ -1,7 +1,8 @@
 """STFPM: Student-Teacher Feature Pyramid Matching (Wang et al., BMVC 2021).
 
 Teacher: a frozen ImageNet backbone (ResNet-18 in the paper), levels conv2_x..conv4_x.
-Student: the same architecture, randomly initialised, fed the same image.
+Student: the same architecture, randomly initialised as torchvision initialises it (the official
+student), fed the same image.
 Scorer: per level the squared distance of channel-normalised features, resized to a common
 size, multiplied over levels, resized to the input; image score = max of the map.
 Stage: one distillation stage (SGD), weights chosen by the lowest anomaly score on normal
@@ -18,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from stad.backbones import create_feature_extractor
+from stad.backbones import create_feature_extractor, initialise
 from stad.core import Batch, Features, Method, Scorer, Stage
 from stad.methods.common import (
     BackboneStudent,
@@ -80,6 +81,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         backbone.name, layers, backbone.weights, cache=bool(cfg.get("feature_cache", False))
     )
     student_net, _ = create_feature_extractor(backbone.name, layers, "random")
+    initialise(student_net, str(cfg.student_init))
     scorer = FeaturePyramidScorer(cfg.scorer.level_size, cfg.scorer.reduction)
     stage = Stage.from_config(
         "distill",
@@ -92,6 +94,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         "teacher_weights": weights.as_dict(),
         "layers": layers,
         "loss_factor": float(cfg.loss_factor),
+        "student_init": str(cfg.student_init),
         "score_reduction": cfg.scorer.reduction,
     }
     return Method(teacher, BackboneStudent(student_net), scorer, [stage], info=info)

@@ -25,7 +25,7 @@ from stad.backbones import total_stride
 from stad.checkpoint import save_checkpoint
 from stad.core import CalibrationModule, Method, Stage, StageModule
 from stad.data import build_dataset
-from stad.data.base import DatasetSplits, data_fingerprint, decode_cache
+from stad.data.base import DatasetSplits, data_fingerprint, decode_cache, mask_rule
 from stad.data.datamodule import AnomalyDataModule
 from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
@@ -96,7 +96,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     _setup_torch(cfg)
     image_size = int(cfg.image_size)
     check_threshold_config(cfg)
-    with decode_cache(cfg.get("decode_cache")):
+    protocol = cfg.get("eval_protocol") or {}
+    with decode_cache(cfg.get("decode_cache")), mask_rule(protocol.get("mask_rule", "nearest")):
         splits = build_dataset(cfg.dataset, image_size)
     # Before training: a file that moves during a long run must not lose the finished run.
     fingerprint = data_fingerprint(splits)

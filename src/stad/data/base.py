@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from stad.data.images import (
+    MASK_RULES,
     DecodeCache,
     as_hw,
     check_mask_size,
@@ -57,6 +58,27 @@ def decode_cache(folder: str | Path | None) -> Iterator[None]:
         yield
     finally:
         _RUN_DECODE_CACHE.reset(token)
+
+
+# The evaluation protocol's mask rule of the current run (``eval_protocol.mask_rule``), for
+# every dataset built inside :func:`mask_rule`; readers need no parameter for it.
+_RUN_MASK_RULE: ContextVar[str] = ContextVar("stad_mask_rule", default="nearest")
+
+
+@contextmanager
+def mask_rule(rule: str) -> Iterator[None]:
+    """Datasets built inside this block bring binary masks to their size by ``rule``
+    (:data:`stad.data.images.MASK_RULES`; default ``nearest``)."""
+    if rule not in MASK_RULES:
+        raise DatasetError(
+            f"Unknown mask rule {rule!r}; set eval_protocol.mask_rule to one of "
+            f"{', '.join(MASK_RULES)}."
+        )
+    token = _RUN_MASK_RULE.set(rule)
+    try:
+        yield
+    finally:
+        _RUN_MASK_RULE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -163,6 +185,7 @@ class AnomalyDataset(Dataset):
         if cache is None:
             cache = _RUN_DECODE_CACHE.get()
         self.cache = DecodeCache(cache) if isinstance(cache, str | Path) else cache
+        self.mask_rule = _RUN_MASK_RULE.get()
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
         if preload:
@@ -206,7 +229,7 @@ class AnomalyDataset(Dataset):
         decode cache when there is one."""
         if self.cache is None:
             return self._decode_files(sample)
-        key = self.cache.key(sample.image_path, sample.mask_path, self.image_size)
+        key = self.cache.key(sample.image_path, sample.mask_path, self.image_size, self.mask_rule)
         cached = self.cache.load(key, self.image_size) if key is not None else None
         if cached is not None:
             return cached
@@ -221,7 +244,7 @@ class AnomalyDataset(Dataset):
         if sample.mask_path is None:
             return chw, np.zeros(self.image_size, dtype=np.uint8), None
         mask, n_pixels = load_mask(
-            sample.mask_path, self.image_size, sample.image_path, original_size
+            sample.mask_path, self.image_size, sample.image_path, original_size, self.mask_rule
         )
         return chw, mask, n_pixels
 

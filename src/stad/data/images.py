@@ -2,7 +2,8 @@
 
 Images are resized with antialiased bilinear interpolation and never cropped (implicit centre
 crops shifted heat maps against masks in peer projects). Masks are binarised with ``> 0`` at their
-original resolution, then resized with nearest-neighbour sampling so they stay binary.
+original resolution, then resized with nearest-neighbour sampling so they stay binary (stad's
+protocol; the official codes' rules are options, :data:`MASK_RULES`).
 Every decoding failure becomes a :class:`~stad.errors.DatasetError` naming the file; truncated
 files are errors, never padded (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay off).
 Alpha channels are dropped, never composited: the stored colours are the picture.
@@ -265,6 +266,46 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.array(img.resize((width, height), resample=Image.Resampling.NEAREST))
 
 
+MASK_RULES = ("nearest", "antialiased_half", "bilinear_nonzero")
+"""How a binary mask is brought to the evaluation size (``eval_protocol.mask_rule``):
+
+- ``nearest`` (stad's protocol, every method): binarise ``> 0`` at the file's resolution, then
+  nearest-neighbour resizing, so every evaluated pixel is a pixel of the original mask;
+- ``antialiased_half`` (RD4AD's and AAND's test code): the 0/255 mask resized with PIL's
+  antialiased bilinear filter (torchvision ``Resize`` on a PIL image), then ``> 0.5`` on [0, 1];
+- ``bilinear_nonzero`` (STFPM's code): ``cv2.resize`` (bilinear, half-pixel centres, no
+  antialiasing) of the 0/255 mask, then ``astype(bool)``: any pixel whose rounded value is
+  non-zero, i.e. interpolated value ``>= 0.5`` on the 0..255 scale (up to cv2's 11-bit
+  fixed-point weights).
+"""
+
+
+def resize_mask_by_rule(binary: np.ndarray, size_hw: tuple[int, int], rule: str) -> np.ndarray:
+    """Bring a {0, 1} mask at the file's resolution to ``size_hw`` by one of :data:`MASK_RULES`.
+
+    Raises:
+        DatasetError: unknown rule.
+    """
+    if rule == "nearest":
+        return resize_mask(binary, size_hw)
+    height, width = size_hw
+    if rule == "antialiased_half":
+        img = Image.fromarray(binary * np.uint8(255), mode="L")
+        levels = np.asarray(img.resize((width, height), resample=Image.Resampling.BILINEAR))
+        return (levels.astype(np.float64) / 255.0 > 0.5).astype(np.uint8)
+    if rule == "bilinear_nonzero":
+        import torch
+        import torch.nn.functional as F
+
+        source = torch.from_numpy(binary.astype(np.float64) * 255.0)[None, None]
+        levels = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
+        return (levels[0, 0].numpy() >= 0.5).astype(np.uint8)
+    raise DatasetError(
+        f"Unknown mask rule {rule!r}; set eval_protocol.mask_rule to one of "
+        f"{', '.join(MASK_RULES)}."
+    )
+
+
 def load_rgb(path: Path, size_hw: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image as RGB and resize it.
 
@@ -298,7 +339,11 @@ def check_mask_size(
 
 
 def load_mask(
-    path: Path, size_hw: tuple[int, int], image_path: Path, image_size: tuple[int, int]
+    path: Path,
+    size_hw: tuple[int, int],
+    image_path: Path,
+    image_size: tuple[int, int],
+    rule: str = "nearest",
 ) -> tuple[np.ndarray, int]:
     """Decode a ground-truth mask, check it fits its image, binarise and resize it.
 
@@ -307,6 +352,7 @@ def load_mask(
         size_hw: Target ``(height, width)``.
         image_path: The image the mask belongs to (named in errors).
         image_size: The image's original ``(width, height)``.
+        rule: How the mask reaches ``size_hw`` (:data:`MASK_RULES`).
 
     Returns:
         uint8 array (H, W) in {0, 1}, and the number of anomalous pixels at the original
@@ -324,7 +370,7 @@ def load_mask(
             f"Cannot read mask file {path} (mode {img.mode}: {err}); save it as an 8-bit "
             "greyscale PNG (0 normal, > 0 anomalous)."
         ) from err
-    return resize_mask(binary, size_hw), int(binary.sum())
+    return resize_mask_by_rule(binary, size_hw, rule), int(binary.sum())
 
 
 class DecodeCache:
@@ -369,14 +415,20 @@ class DecodeCache:
         self._lock = threading.Lock()
         self._warned = False
 
-    def key(self, image_path: Path, mask_path: Path | None, size_hw: tuple[int, int]) -> str | None:
+    def key(
+        self,
+        image_path: Path,
+        mask_path: Path | None,
+        size_hw: tuple[int, int],
+        mask_rule: str = "nearest",
+    ) -> str | None:
         """The entry name of a sample, or None when a source file cannot be stat'ed (decoding
         then raises the usual DatasetError)."""
         try:
             sources = [_identity(image_path), _identity(mask_path) if mask_path else None]
         except OSError:
             return None
-        text = json.dumps([self.VERSION, list(size_hw), sources])
+        text = json.dumps([self.VERSION, list(size_hw), sources, mask_rule])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def path(self, key: str) -> Path:

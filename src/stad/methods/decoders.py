@@ -343,13 +343,14 @@ class SummedLevelScorer(Scorer):
     @classmethod
     def from_config(cls, distance: LevelDistance, cfg: Any) -> SummedLevelScorer:
         """From a method's ``scorer`` block: ``sigma``, ``reduction``, ``align_corners``,
-        ``blur_border``."""
+        ``blur_border`` (runs saved before the last two existed resample as they did then:
+        half-pixel centres, ``mirror`` border)."""
         return cls(
             distance,
             float(cfg.sigma),
             str(cfg.reduction),
-            align_corners=bool(cfg.align_corners),
-            blur_border=str(cfg.blur_border),
+            align_corners=bool(cfg.get("align_corners", False)),
+            blur_border=str(cfg.get("blur_border", "mirror")),
         )
 
     def anomaly_map(self, targets: Features, preds: Features, size: Sequence[int]) -> Tensor:

@@ -81,7 +81,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         backbone.name, layers, backbone.weights, cache=bool(cfg.get("feature_cache", False))
     )
     student_net, _ = create_feature_extractor(backbone.name, layers, "random")
-    initialise(student_net, str(cfg.student_init))
+    initialise(student_net, str(cfg.get("student_init", "timm")))  # runs saved before: timm
     scorer = FeaturePyramidScorer(cfg.scorer.level_size, cfg.scorer.reduction)
     stage = Stage.from_config(
         "distill",
@@ -94,7 +94,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         "teacher_weights": weights.as_dict(),
         "layers": layers,
         "loss_factor": float(cfg.loss_factor),
-        "student_init": str(cfg.student_init),
+        "student_init": str(cfg.get("student_init", "timm")),
         "score_reduction": cfg.scorer.reduction,
     }
     return Method(teacher, BackboneStudent(student_net), scorer, [stage], info=info)

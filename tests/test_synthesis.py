@@ -97,6 +97,32 @@ def test_folder_textures_fill_the_mask_with_the_folder_images(tmp_path):
     assert near.max() < 0.02  # every corrupted pixel is one of the two textures
 
 
+@pytest.mark.parametrize(
+    ("order", "expected"), [("rgb", (1.0, 0.0, 0.0)), ("bgr", (0.0, 0.0, 1.0))]
+)
+def test_channel_order_bgr_blends_a_red_texture_as_blue(tmp_path, order, expected):
+    # Official AAND: cv2.imread (BGR) texture blended into an RGB image: red enters as blue.
+    Image.new("RGB", (24, 24), (255, 0, 0)).save(tmp_path / "red.png")
+    cfg = {
+        "texture": {"source": "folder", "root": str(tmp_path), "channel_order": order},
+        "augmentations": 0,
+        "max_opacity": 0.0,  # β = 0: the fill replaces the pixel (full opacity)
+        "clean_probability": 0.0,
+    }
+    synth = build_synthesizer(cfg, size=32, seed=0)
+    out = synth(_images(n=4, size=32))
+    inside = out.image.permute(0, 2, 3, 1)[out.mask[:, 0] > 0]
+    assert len(inside) > 0
+    assert torch.allclose(inside, torch.tensor(expected).expand_as(inside), atol=1e-6)
+    assert synth.describe()["textures"]["channel_order"] == order
+
+
+def test_channel_order_is_checked_and_rgb_by_default():
+    assert texture_source({"source": "skimage"}, 32).describe()["channel_order"] == "rgb"
+    with pytest.raises(StadError, match="channel_order"):
+        texture_source({"source": "skimage", "channel_order": "rbg"}, 32)
+
+
 def test_a_missing_or_empty_texture_folder_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(DatasetError, match=r"does not exist.*source=skimage"):
         texture_source({"source": "folder", "root": str(tmp_path / "dtd")}, 32)

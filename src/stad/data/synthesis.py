@@ -12,7 +12,8 @@ deterministic given its seed on any device.
 
 Texture sources (``TextureSource``): a folder of images (DTD in DRAEM and AAND), scikit-image's
 bundled images (offline default, no download), the other images of the batch, or procedural
-fractal noise.
+fractal noise. Textures read from files can enter channel-reversed (``channel_order="bgr"``), as
+in code that reads them with ``cv2.imread`` and blends them into RGB images unconverted.
 """
 
 from __future__ import annotations
@@ -233,13 +234,28 @@ def _resize(images: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True)
 
 
-class _StoredTextures(TextureSource):
-    """Textures held in memory as uint8 C×h×w tensors on the CPU."""
+CHANNEL_ORDERS = ("rgb", "bgr")
 
-    def __init__(self, textures: Sequence[Tensor]) -> None:
+
+def _check_channel_order(order: str) -> str:
+    if order not in CHANNEL_ORDERS:
+        raise StadError(
+            f"method.synthesis.texture.channel_order={order!r} is unknown; use rgb or bgr"
+        )
+    return order
+
+
+class _StoredTextures(TextureSource):
+    """Textures held in memory as uint8 C×h×w tensors on the CPU, in ``channel_order``: ``bgr``
+    stores them channel-reversed, as ``cv2.imread`` gives them to DRAEM-style code that blends
+    them into RGB images unconverted (and augments them as if they were RGB)."""
+
+    def __init__(self, textures: Sequence[Tensor], channel_order: str = "rgb") -> None:
         if not textures:
             raise DatasetError("the texture source holds no image")
-        self.textures = list(textures)
+        self.channel_order = _check_channel_order(channel_order)
+        reverse = channel_order == "bgr"
+        self.textures = [t.flip(0) if reverse else t for t in textures]
 
     def _crop(self, texture: Tensor, generator: torch.Generator) -> Tensor:
         return texture
@@ -265,7 +281,14 @@ class FolderTextures(_StoredTextures):
 
     name = "folder"
 
-    def __init__(self, root: str | Path, size: int, limit: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        size: int,
+        limit: int | None = None,
+        seed: int = 0,
+        channel_order: str = "rgb",
+    ):
         """Read the textures now.
 
         Args:
@@ -273,6 +296,7 @@ class FolderTextures(_StoredTextures):
             size: stored side length (resized again to the batch's size when it differs).
             limit: keep at most this many files, a seeded random subset (None: all).
             seed: seed of that subset.
+            channel_order: ``rgb`` or ``bgr`` (see :class:`_StoredTextures`).
 
         Raises:
             DatasetError: the folder is missing, holds no image, or an image cannot be read.
@@ -293,10 +317,15 @@ class FolderTextures(_StoredTextures):
             keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
             files = [files[int(i)] for i in sorted(keep[:limit].tolist())]
         self.files = files
-        super().__init__([_read_rgb(p, (size, size)) for p in files])
+        super().__init__([_read_rgb(p, (size, size)) for p in files], channel_order)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.name, "root": str(self.root), "images": len(self.files)}
+        return {
+            "source": self.name,
+            "root": str(self.root),
+            "images": len(self.files),
+            "channel_order": self.channel_order,
+        }
 
 
 def _read_rgb(path: Path | Any, size: tuple[int, int] | None = None) -> Tensor:
@@ -343,7 +372,12 @@ class SkimageTextures(_StoredTextures):
 
     name = "skimage"
 
-    def __init__(self, names: Sequence[str] = SKIMAGE_IMAGES, min_crop: float = 0.25) -> None:
+    def __init__(
+        self,
+        names: Sequence[str] = SKIMAGE_IMAGES,
+        min_crop: float = 0.25,
+        channel_order: str = "rgb",
+    ) -> None:
         package = resources.files("skimage.data")
         found = [n for n in names if (package / n).is_file()]
         if not found:
@@ -357,7 +391,7 @@ class SkimageTextures(_StoredTextures):
                 textures.append(_read_rgb(file))
         self.names = found
         self.min_crop = min_crop
-        super().__init__(textures)
+        super().__init__(textures, channel_order)
 
     def _crop(self, texture: Tensor, generator: torch.Generator) -> Tensor:
         h, w = texture.shape[-2:]
@@ -367,7 +401,11 @@ class SkimageTextures(_StoredTextures):
         return texture[:, top : top + side, left : left + side]
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.name, "images": list(self.names)}
+        return {
+            "source": self.name,
+            "images": list(self.names),
+            "channel_order": self.channel_order,
+        }
 
 
 class BatchTextures(TextureSource):
@@ -621,8 +659,10 @@ class AnomalySynthesizer:
 
 # -- from config ------------------------------------------------------------------------------
 def texture_source(cfg: Mapping[str, Any], size: int, seed: int = 0) -> TextureSource:
-    """The texture source a ``texture`` config block names (``source``, ``root``, ``limit``)."""
+    """The texture source a ``texture`` config block names (``source``, ``root``, ``limit``,
+    ``channel_order``: ``rgb`` by default; it applies to the file sources folder and skimage)."""
     source = str(cfg.get("source", "skimage"))
+    order = _check_channel_order(str(cfg.get("channel_order") or "rgb"))
     if source == "folder":
         root = cfg.get("root")
         if not root:
@@ -631,9 +671,9 @@ def texture_source(cfg: Mapping[str, Any], size: int, seed: int = 0) -> TextureS
                 "folder of texture images, e.g. DTD's dtd/images>; or use source=skimage"
             )
         limit = cfg.get("limit")
-        return FolderTextures(root, size, int(limit) if limit else None, seed)
+        return FolderTextures(root, size, int(limit) if limit else None, seed, order)
     if source == "skimage":
-        return SkimageTextures()
+        return SkimageTextures(channel_order=order)
     if source == "batch":
         return BatchTextures()
     if source == "noise":

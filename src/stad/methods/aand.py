@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from stad.backbones import FeatureExtractor
+from stad.backbones import FeatureExtractor, initialise
 from stad.core import Batch, Features, Method, Scorer, Stage, Student, Teacher
 from stad.data.synthesis import AnomalySynthesizer, build_synthesizer
 from stad.errors import IncompatibleError, StadError
@@ -79,11 +79,39 @@ def _pointwise_mlp(channels: int, hidden: int) -> nn.Sequential:
     )
 
 
+RAA_INITS = ("kaiming_fan_out", "default")
+
+
+def init_like_official_resnet(module: nn.Module) -> None:
+    """The init loop of torchvision's ``ResNet.__init__``, which the official ResNet
+    (``models/resnet_rar.py``) runs *after* building its RAA modules, so it reaches them
+    (``stad.backbones.initialise(..., "torchvision")``). Conv biases, Linear layers and bare
+    parameters (the memory) keep their own init, as there.
+    """
+    initialise(module, "torchvision")
+
+
+def init_raa(module: nn.Module, scheme: str) -> None:
+    """Initialise an RAA module: ``kaiming_fan_out`` (official) or ``default`` (PyTorch's own
+    layer init, stad's former choice: left as constructed)."""
+    if scheme not in RAA_INITS:
+        raise StadError(
+            f"method.raa_init={scheme!r} is unknown; use kaiming_fan_out (official) or default"
+        )
+    if scheme == "kaiming_fan_out":
+        init_like_official_resnet(module)
+
+
 class ResidualAmplifier(nn.Module):
     """RAA module of one level: matching-guided residual gate + attribute-scaling generator."""
 
     def __init__(
-        self, channels: int, memory_size: int = 50, temperature: float = 0.2, hidden_max: int = 1024
+        self,
+        channels: int,
+        memory_size: int = 50,
+        temperature: float = 0.2,
+        hidden_max: int = 1024,
+        init: str = "kaiming_fan_out",
     ) -> None:
         """Build the two MLPs and the memory.
 
@@ -92,6 +120,7 @@ class ResidualAmplifier(nn.Module):
             memory_size: M normal and M anomaly items (2M learnable C-vectors, randn init).
             temperature: softmax temperature of the cosine matching.
             hidden_max: MLP hidden width = min(2C, hidden_max).
+            init: weight init of the MLPs (:func:`init_raa`).
         """
         super().__init__()
         hidden = min(2 * channels, hidden_max)
@@ -100,6 +129,7 @@ class ResidualAmplifier(nn.Module):
         self.memory = nn.Parameter(torch.randn(2 * memory_size, channels))
         self.memory_size = memory_size
         self.temperature = temperature
+        init_raa(self, init)
 
     def gate(self, f0: Tensor) -> Tensor:
         """Anomaly weight a ∈ (0, 1) per position: B×C×h×w → B×1×h×w."""
@@ -182,9 +212,9 @@ class TeacherOnlyScorer(Scorer):
         """``cfg``: the method's ``scorer`` block (as :meth:`SummedLevelScorer.from_config`)."""
         super().__init__()
         self.source = source
-        self.blur = GaussianBlur(float(cfg.sigma), border=str(cfg.blur_border))
+        self.blur = GaussianBlur(float(cfg.sigma), border=str(cfg.get("blur_border", "mirror")))
         self.reduction = str(cfg.reduction)
-        self.align_corners = bool(cfg.align_corners)
+        self.align_corners = bool(cfg.get("align_corners", False))
 
     def forward(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
         size = batch["image"].shape[-2:]
@@ -378,9 +408,16 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     base, weights = pretrained_teacher(backbone.name, layers, backbone.weights)
     extractor = base.extractor
     raa = None
+    raa_init = str(cfg.get("raa_init", "default"))  # runs saved before the switch: PyTorch's init
     if cfg.raa:
         raa = nn.ModuleList(
-            ResidualAmplifier(c, int(cfg.memory_size), float(cfg.temperature), int(cfg.hidden_max))
+            ResidualAmplifier(
+                c,
+                int(cfg.memory_size),
+                float(cfg.temperature),
+                int(cfg.hidden_max),
+                raa_init,
+            )
             for c in extractor.channels
         )
     teacher = AdvancedTeacher(extractor, raa)
@@ -415,7 +452,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         stages.append(
             Stage.from_config("amplify", cfg.stages.amplify, ["teacher.raa"], amplify_loss)
         )
-        info.update(memory_size=int(cfg.memory_size), margin=float(amp.margin))
+        info.update(memory_size=int(cfg.memory_size), margin=float(amp.margin), raa_init=raa_init)
         info["synthesis"] = synthesizer.describe()
     if cfg.score == "student":
         student: Student = reverse_student(

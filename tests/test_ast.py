@@ -148,11 +148,12 @@ def test_positional_encoding_layout():
 def test_foreground_weight_dilates_and_downsamples():
     fg = torch.zeros(1, 1, 64, 64)
     assert torch.equal(foreground_weight(torch.ones(1, 1, 64, 64), (8, 8)), torch.ones(1, 1, 8, 8))
-    # Grid cell j samples the 8×-grid pixels 8j+3 and 8j+4; rows/cols 28..32 reach cell 4's
-    # samples (35, 36) only through the 8×8 dilation (up to 3 px on that side).
+    # Grid cell j samples the 8×-grid pixels 8j+3 and 8j+4. The 8×8 dilation (scipy's: p−4..p+3)
+    # takes rows/cols 28..32 to 24..35: cell 3 (27, 28) fully, cell 4 (35, 36) half, cell 2 not.
     fg[..., 28:33, 28:33] = 1
     w = foreground_weight(fg, (8, 8))
-    assert w[0, 0, 3:5, 3:5].min() == 1 and (w > 0).sum() == 4
+    assert w[0, 0, 3, 3] == 1 and w[0, 0, 3, 4] == 0.5 and w[0, 0, 4, 4] == 0.25
+    assert (w > 0).sum() == 4
     assert foreground_weight(fg, (8, 8), dilate=1)[0, 0, 4, 4] == 0
 
 
@@ -187,6 +188,15 @@ def test_masked_loss_ignores_background_positions():
     assert torch.allclose(masked_mean(values, None), values.mean())
 
 
+# stad's earlier scoring: map = distance × weight, bilinear to the input, scores on the grid.
+GRID_SCORING = {
+    "map_source": "distance",
+    "upsample": "bilinear",
+    "upsample_factor": None,
+    "score_source": "grid",
+}
+
+
 def test_scorer_masks_reduces_and_offers_the_teacher_only_baseline():
     z = torch.randn(2, 8, 4, 4)
     pred = z.clone()
@@ -195,13 +205,19 @@ def test_scorer_masks_reduces_and_offers_the_teacher_only_baseline():
     batch = _batch(size=32, foreground=True)
     batch["foreground"][:] = 0
     batch["foreground"][..., :16, :16] = 1
-    maps, scores = AstScorer("student", "auto")([z, None, z], [pred], batch)
+    maps, scores = AstScorer("student", "auto", **GRID_SCORING)([z, None, z], [pred], batch)
     assert maps.shape == (2, 1, 32, 32)
     assert scores[0] == 0 and torch.isclose(scores[1], torch.tensor(1.0))  # auto → max
-    _, unmasked = AstScorer("student", "max", mask=False)([z, None, z], [pred], batch)
+    _, unmasked = AstScorer("student", "max", mask=False, **GRID_SCORING)(
+        [z, None, z], [pred], batch
+    )
     assert torch.isclose(unmasked[0], torch.tensor(4.0))
+    # The code's scoring (defaults): max over the ×8 bicubic map, which samples the grid between
+    # cell centres, so a one-cell peak of 1 reads a little less; still 0 outside the foreground.
+    maps, scores = AstScorer("student", "auto")([z, None, z], [pred], batch)
+    assert maps.shape == (2, 1, 32, 32) and scores[0] == 0 and 0.8 < scores[1] < 1.0
     log_det = torch.randn(2, 1, 4, 4)
-    nll_maps, nll_scores = AstScorer("teacher_nll", "mean", mask=False)(
+    nll_maps, nll_scores = AstScorer("teacher_nll", "mean", mask=False, **GRID_SCORING)(
         [z, log_det, z], [pred], batch
     )
     nll = gaussian_nll(z, log_det[:, 0])

@@ -8,6 +8,10 @@ sinusoidal positional encoding, trained first on the negative log-likelihood.
 Student: a residual conv net (not invertible, hence "asymmetric") that regresses the flow's output
 z from the same features. Score: per-position squared distance student–teacher (masked by the
 object foreground on 3-D data), upsampled to the input.
+
+Where stad's generic parts compute something else than the official code (TF "same" padding of
+the backbone, map upsampling, which map the image score reads, foreground masking), a switch in
+conf/method/ast.yaml selects the code's behaviour (the default) or stad's earlier one.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ from stad.backbones import (
 from stad.core import Batch, Features, Method, Scorer, Stage, Student, Teacher
 from stad.errors import IncompatibleError, StadError
 from stad.feature_cache import CachedFeatures, tensors_sha256
-from stad.methods.common import reduce_map, resize
+from stad.methods.common import reduce_map
 from stad.methods.flows import ConditionalFlow, gaussian_nll
+from stad.static_padding import Pad, apply_static_padding
 
 INPUTS = ("rgb", "depth", "rgbd")
+UPSAMPLE_MODES = ("bilinear", "bicubic")
+SCORE_SOURCES = ("eval", "grid")
+MAP_SOURCES = ("loss", "distance")
 DEPTH_UNSHUFFLE = 8  # depth resized to 8× the feature grid, pixel-unshuffled: 64 channels
 # Indices in the teacher's output list (Features): the flow output, the per-position
 # log-determinant B×1×h×w, and the flow's input (the student reads it; it is not a target).
@@ -80,9 +88,28 @@ class BlockFeatures(nn.Module):
 
 
 def feature_extractor(
+    name: str,
+    weights: str,
+    stage: int | None,
+    level: int | None,
+    static_padding_size: int | None = None,
+) -> tuple[nn.Module, WeightsInfo, dict[str, Pad]]:
+    """The frozen extractor: ``blocks[stage]`` of an EfficientNet-style model, or a timm level.
+
+    With ``static_padding_size`` every TF-"same"-padded layer pads by the amounts computed for a
+    ``static_padding_size``² input, whatever the input (the official code's efficientnet_pytorch
+    rule); returns those pads by layer name (empty: timm's dynamic padding, or none to change).
+    """
+    extractor, info = _build_extractor(name, weights, stage, level)
+    pads: dict[str, Pad] = {}
+    if static_padding_size is not None:
+        pads = apply_static_padding(extractor, int(static_padding_size))
+    return extractor, info, pads
+
+
+def _build_extractor(
     name: str, weights: str, stage: int | None, level: int | None
 ) -> tuple[nn.Module, WeightsInfo]:
-    """The frozen extractor: ``blocks[stage]`` of an EfficientNet-style model, or a timm level."""
     if stage is None:
         if level is None:
             raise StadError("method.features: set feature_stage (EfficientNet) or feature_level")
@@ -144,16 +171,28 @@ def foreground_weight(foreground: Tensor, grid: tuple[int, int], dilate: int = 8
     """AST's soft foreground weight on the feature grid: B×1×H×W 0/1 mask → B×1×h×w in [0, 1].
 
     The mask is resized to 8h×8w (any covered pixel counts, as the code's ``>0`` binarisation),
-    dilated with a ``dilate``×``dilate`` square, then bilinearly down-sampled to the grid.
+    dilated with a ``dilate``×``dilate`` square as the code's ``scipy.ndimage.binary_dilation``
+    (utils.py ``dilation``), then bilinearly down-sampled to the grid.
     """
     d = DEPTH_UNSHUFFLE
     size = (grid[0] * d, grid[1] * d)
     fg = (F.interpolate(foreground.float(), size=size, mode="bilinear") > 0).float()
     if dilate > 1:
-        # Even kernels are off-centre: scipy's binary_dilation puts the origin at index size//2.
-        lo, hi = dilate // 2, dilate - 1 - dilate // 2
-        fg = F.max_pool2d(F.pad(fg, (lo, hi, lo, hi)), kernel_size=dilate, stride=1)
+        fg = binary_dilation(fg, dilate)
     return F.interpolate(fg, size=grid, mode="bilinear", align_corners=False)
+
+
+def binary_dilation(mask: Tensor, size: int) -> Tensor:
+    """scipy.ndimage.binary_dilation of B×1×H×W 0/1 masks with a ``size``×``size`` square of ones
+    (border: background).
+
+    scipy centres a structure of even size at index size//2 and dilates with the reflected
+    structure, so a single pixel p spreads to p − size//2 … p + (size − 1 − size//2): p−4 … p+3
+    for the code's 8×8. A stride-1 max pool over [i − lo, i + hi] reaches p from i = p − hi …
+    p + lo, hence lo = size − 1 − size//2 on the left / top and hi = size//2 on the right / bottom.
+    """
+    lo, hi = size - 1 - size // 2, size // 2
+    return F.max_pool2d(F.pad(mask, (lo, hi, lo, hi)), kernel_size=size, stride=1)
 
 
 def masked_mean(values: Tensor, weight: Tensor | None, average: str = "foreground") -> Tensor:
@@ -183,6 +222,7 @@ class FlowTeacher(Teacher):
         input_mode: str,
         pos_channels: int,
         stride: int,
+        use_foreground: bool = True,
     ) -> None:
         super().__init__()
         self.features = features
@@ -190,6 +230,7 @@ class FlowTeacher(Teacher):
         self.input_mode = input_mode
         self.pos_channels = pos_channels
         self.stride = stride
+        self.use_foreground = use_foreground
 
     def grid(self, batch: Batch) -> tuple[int, int]:
         """Feature grid size h×w of a batch."""
@@ -212,9 +253,12 @@ class FlowTeacher(Teacher):
         return x, batch_positional_encoding(self.pos_channels, x)
 
     def foreground(self, batch: Batch) -> Tensor | None:
-        """Soft foreground weight B×1×h×w, or None when the batch has no foreground mask."""
+        """Soft foreground weight B×1×h×w, or None when the batch has no foreground mask or the
+        mask is off (``method.foreground_mask``)."""
         fg = batch.get("foreground")
-        return None if fg is None else foreground_weight(fg, self.grid(batch))
+        if fg is None or not self.use_foreground:
+            return None
+        return foreground_weight(fg, self.grid(batch))
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> Features:
@@ -279,33 +323,96 @@ def student_distance(z: Tensor, pred: Tensor) -> Tensor:
 class AstScorer(Scorer):
     """Student–teacher distance (or the teacher's own NLL) on the grid, masked, upsampled.
 
+    With ``w`` the soft foreground weight (when a mask is in use) and ``d`` the per-position
+    distance, the grid *loss map* is ``w·d`` (``d`` without a mask): the per-position loss the
+    student trains on. The anomaly map starts from the loss map (``map_source="loss"``, as the
+    code) or from ``d`` (``"distance"``) and is multiplied by ``w`` once more when ``mask``; so
+    with a mask the code's map is ``w²·d``. It is then upsampled: by ``upsample_factor`` (the code
+    evaluates the ×8 map at 192 px) and held at the input size by nearest-neighbour, or, without a
+    factor, straight to the input size.
+
     Args:
         kind: ``student`` (AST) or ``teacher_nll`` (the paper's teacher-only baseline: the flow's
-            per-position NLL ½||z||² − log|det J|).
-        reduction: image score from the grid map: ``auto`` (max when the batch has a foreground
-            mask, else mean), ``max``, ``mean`` or ``topk:<fraction>``.
-        mask: multiply the map by the foreground weight when there is one (code: eval_mask).
+            per-position NLL ½||z||² − log|det J|; its map is ``w·nll``, as the code's
+            ``get_nf_loss``, ``map_source`` does not apply).
+        reduction: image score: ``auto`` (max when the batch has a foreground mask, else mean),
+            ``max``, ``mean`` or ``topk:<fraction>``.
+        mask: multiply the map by the foreground weight when a mask is in use (code: eval_mask).
+        use_foreground: whether the foreground mask is in use at all (``method.foreground_mask``).
+        map_source: ``loss`` or ``distance`` (see above).
+        upsample: ``bicubic`` (code) or ``bilinear``, ``align_corners=False`` both.
+        upsample_factor: integer factor from the grid (code: 8), or None: to the input size.
+        score_source: ``eval`` (code's eval.py: ``mean`` = mean of the grid loss map, i.e. the
+            per-sample loss; ``max`` / ``topk`` on the upsampled map) or ``grid`` (every
+            reduction on the grid anomaly map).
     """
 
-    def __init__(self, kind: str = "student", reduction: str = "auto", mask: bool = True) -> None:
+    def __init__(
+        self,
+        kind: str = "student",
+        reduction: str = "auto",
+        mask: bool = True,
+        *,
+        use_foreground: bool = True,
+        map_source: str = "loss",
+        upsample: str = "bicubic",
+        upsample_factor: int | None = 8,
+        score_source: str = "eval",
+    ) -> None:
         super().__init__()
-        if kind not in ("student", "teacher_nll"):
-            raise StadError(f"method.scorer.kind must be student or teacher_nll, got {kind!r}")
+        _check_choice("scorer.kind", kind, ("student", "teacher_nll"))
+        _check_choice("scorer.map_source", map_source, MAP_SOURCES)
+        _check_choice("scorer.upsample", upsample, UPSAMPLE_MODES)
+        _check_choice("scorer.score_source", score_source, SCORE_SOURCES)
+        if upsample_factor is not None and int(upsample_factor) < 1:
+            raise StadError(
+                f"method.scorer.upsample_factor must be >= 1 or null, got {upsample_factor}"
+            )
         self.kind = kind
         self.reduction = reduction
         self.mask = mask
+        self.use_foreground = use_foreground
+        self.map_source = map_source
+        self.upsample = upsample
+        self.upsample_factor = None if upsample_factor is None else int(upsample_factor)
+        self.score_source = score_source
+
+    def weight(self, batch: Batch, grid: tuple[int, int]) -> Tensor | None:
+        """Foreground weight B×1×h×w, or None without a mask in use."""
+        fg = batch.get("foreground")
+        if fg is None or not self.use_foreground:
+            return None
+        return foreground_weight(fg, grid)
+
+    def grid_maps(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(loss map, anomaly map), both B×1×h×w on the feature grid."""
+        if self.kind == "teacher_nll":
+            z, log_det = targets[Z].float(), targets[LOG_DET].float()
+            raw = gaussian_nll(z, log_det[:, 0]).unsqueeze(1)
+        else:
+            raw = student_distance(targets[Z].float(), preds[0].float())
+        w = self.weight(batch, tuple(raw.shape[-2:]))
+        if w is None:
+            return raw, raw
+        loss = raw * w  # code: get_st_loss / get_nf_loss multiply by the mask (utils.py)
+        if self.kind == "teacher_nll":
+            return loss, (loss if self.mask else raw)
+        base = loss if self.map_source == "loss" else raw
+        return loss, base * w if self.mask else base
 
     def grid_map(self, targets: Features, preds: Features, batch: Batch) -> Tensor:
         """B×1×h×w anomaly map on the feature grid."""
-        if self.kind == "teacher_nll":
-            z, log_det = targets[Z].float(), targets[LOG_DET].float()
-            out = gaussian_nll(z, log_det[:, 0]).unsqueeze(1)
+        return self.grid_maps(targets, preds, batch)[1]
+
+    def upsampled(self, grid: Tensor, size: tuple[int, int]) -> Tensor:
+        """The grid map ×``upsample_factor`` (the code's evaluation resolution), or at ``size``."""
+        if self.upsample_factor is None:
+            target = size
         else:
-            out = student_distance(targets[Z].float(), preds[0].float())
-        fg = batch.get("foreground")
-        if self.mask and fg is not None:
-            out = out * foreground_weight(fg, tuple(out.shape[-2:]))
-        return out
+            target = (grid.shape[-2] * self.upsample_factor, grid.shape[-1] * self.upsample_factor)
+        if tuple(grid.shape[-2:]) == tuple(target):
+            return grid
+        return F.interpolate(grid, size=target, mode=self.upsample, align_corners=False)
 
     def image_reduction(self, batch: Batch) -> str:
         """The reduction used for this batch (``auto`` resolved)."""
@@ -314,9 +421,26 @@ class AstScorer(Scorer):
         return "max" if batch.get("foreground") is not None else "mean"
 
     def forward(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
-        grid = self.grid_map(targets, preds, batch)
-        maps = resize(grid, batch["image"].shape[-2:])
-        return maps, reduce_map(grid, self.image_reduction(batch))
+        loss, grid = self.grid_maps(targets, preds, batch)
+        size = tuple(batch["image"].shape[-2:])
+        fine = self.upsampled(grid, size)  # type: ignore[arg-type]
+        # The evaluation runs at the input size: hold each pixel of the ×factor map there (each
+        # 192-px pixel becomes a 4×4 block at 768), so its values, and its max, are the code's.
+        maps = (
+            fine
+            if tuple(fine.shape[-2:]) == size
+            else F.interpolate(fine, size=size, mode="nearest-exact")
+        )
+        reduction = self.image_reduction(batch)
+        if self.score_source == "grid":
+            return maps, reduce_map(grid, reduction)
+        # Code (eval.py): the mean score is the per-sample loss, the max is over the upsampled map.
+        return maps, reduce_map(loss if reduction == "mean" else fine, reduction)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise StadError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 # -- losses -----------------------------------------------------------------------------------
@@ -348,8 +472,12 @@ def _input_channels(mode: str, feature_channels: int) -> int:
 
 
 def _cache_key(extractor: nn.Module, info: WeightsInfo, cfg: DictConfig) -> str:
-    """What besides the image determines the cached features: dataset, backbone, weights, tap."""
+    """What besides the image determines the cached features: dataset, backbone, weights, tap,
+    padding rule."""
     feature = f"stage{cfg.feature_stage}" if cfg.feature_stage is not None else "level"
+    # Static padding changes the features but no weight: it must be part of the key.
+    if cfg.get("static_padding_size") is not None:
+        feature += f"|pad{int(cfg.static_padding_size)}"
     weights_id = info.sha256 or f"{info.source}:{info.detail}"
     if cfg.get("cache_dir"):
         # On disk, files outlive the run: fingerprint the weights actually loaded (random
@@ -360,15 +488,48 @@ def _cache_key(extractor: nn.Module, info: WeightsInfo, cfg: DictConfig) -> str:
     )
 
 
+def use_foreground(setting: Any, mode: str) -> bool:
+    """Resolve ``method.foreground_mask``: ``auto`` is the code's rule (config.py: training_mask =
+    eval_mask = mode != 'RGB'), i.e. on with depth / rgbd input, off with rgb; or a boolean."""
+    if isinstance(setting, bool):
+        return setting
+    if str(setting) == "auto":
+        return mode != "rgb"
+    raise StadError(f"method.foreground_mask must be auto, true or false, got {setting!r}")
+
+
+def build_scorer(cfg: DictConfig, foreground: bool) -> AstScorer:
+    """The scorer from ``method.scorer`` (older configs without the code switches get stad's
+    earlier behaviour: bilinear straight to the input size, scores on the grid, map × w once)."""
+    sc = cfg.scorer
+    factor = sc.get("upsample_factor")
+    return AstScorer(
+        str(sc.kind),
+        str(sc.reduction),
+        bool(sc.mask),
+        use_foreground=foreground,
+        map_source=str(sc.get("map_source", "distance")),
+        upsample=str(sc.get("upsample", "bilinear")),
+        upsample_factor=None if factor is None else int(factor),
+        score_source=str(sc.get("score_source", "grid")),
+    )
+
+
 def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     """AST from ``conf/method/ast.yaml`` and a backbone config."""
     mode = str(cfg.input)
     if mode not in INPUTS:
         raise StadError(f"method.input must be one of {', '.join(INPUTS)}, got {mode!r}")
     stage = cfg.get("feature_stage")
-    extractor, weights = feature_extractor(
-        backbone.name, backbone.weights, stage, cfg.get("feature_level")
+    pad_size = cfg.get("static_padding_size")
+    extractor, weights, pads = feature_extractor(
+        backbone.name,
+        backbone.weights,
+        stage,
+        cfg.get("feature_level"),
+        None if pad_size is None else int(pad_size),
     )
+    foreground = use_foreground(cfg.get("foreground_mask", True), mode)
     assert isinstance(extractor, (BlockFeatures, FeatureExtractor))
     features = CachedFeatures(extractor, _cache_key(extractor, weights, cfg), cfg.get("cache_dir"))
     channels = _input_channels(mode, extractor.channels[0])
@@ -380,7 +541,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         kernel_sizes=list(cfg.flow.kernel_sizes),
         clamp=float(cfg.flow.clamp),
     )
-    teacher = FlowTeacher(features, flow, mode, pos, extractor.strides[0])
+    teacher = FlowTeacher(features, flow, mode, pos, extractor.strides[0], foreground)
     student = ResidualStudent(
         channels,
         channels,
@@ -389,7 +550,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         blocks=int(cfg.student.blocks),
         slope=float(cfg.student.leaky_slope),
     )
-    scorer = AstScorer(str(cfg.scorer.kind), str(cfg.scorer.reduction), bool(cfg.scorer.mask))
+    scorer = build_scorer(cfg, foreground)
     average = str(cfg.loss_average)
     stages = [
         Stage.from_config(
@@ -426,13 +587,22 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
             "blocks": int(cfg.student.blocks),
             "leaky_slope": float(cfg.student.leaky_slope),
         },
+        "static_padding": {
+            "size": None if pad_size is None else int(pad_size),
+            "pads": {name: list(pad) for name, pad in pads.items()},
+        },
+        "foreground_mask": foreground,
         "scorer": scorer.kind,
         "score_reduction": (
-            "auto (max over the foreground-masked map when a foreground mask exists, else mean)"
+            "auto (max when a foreground mask exists, else mean)"
             if scorer.reduction == "auto"
             else scorer.reduction
         ),
+        "score_source": scorer.score_source,
         "score_mask": scorer.mask,
+        "map_source": scorer.map_source,
+        "upsample": scorer.upsample,
+        "upsample_factor": scorer.upsample_factor,
         "loss_average": average,
         "feature_cache": str(cfg.get("cache_dir") or "memory"),
         "timm_version": timm.__version__,

@@ -521,3 +521,24 @@ def test_lightning_fit_uses_the_held_out_split(val_fraction: float, expected: tu
     )
     trainer.fit(model, datamodule=dm)
     assert (model.seen["train"], model.seen["val"]) == expected
+
+
+def test_a_stage_may_drop_the_last_incomplete_training_batch():
+    """AST's official loaders drop it (Stage.drop_last); a set smaller than a batch keeps it."""
+    datamodule = AnomalyDataModule(_splits(10), batch_size=4)
+    assert len(datamodule.train_dataloader()) == 3
+    datamodule.drop_last_train = True
+    assert len(datamodule.train_dataloader()) == 2
+    small = AnomalyDataModule(_splits(3), batch_size=4)
+    small.drop_last_train = True
+    assert len(small.train_dataloader()) == 1
+
+
+def test_ast_stages_drop_the_last_batch_as_the_official_loaders(tiny_config):
+    from stad.methods import build_method
+
+    cfg = tiny_config("method=ast", "backbone=tf_efficientnet_lite0")
+    stages = build_method(cfg.method, cfg.backbone).stages
+    assert [s.drop_last for s in stages] == [True, True]
+    rd = tiny_config("method=rd")
+    assert [s.drop_last for s in build_method(rd.method, rd.backbone).stages] == [False]

@@ -150,7 +150,7 @@ def _one_process_evaluation(run_dir: Path, out: Path) -> tuple[dict, list[dict],
     a single process exactly as a run does; and the number of test images."""
     from stad.checkpoint import load_run
     from stad.data import build_dataset
-    from stad.run import _test, choose_thresholds, held_out_fraction
+    from stad.run import _test, choose_thresholds, held_out_fraction, held_out_split
     from stad.thresholds import with_test_counts
 
     loaded = load_run(run_dir)
@@ -163,6 +163,7 @@ def _one_process_evaluation(run_dir: Path, out: Path) -> tuple[dict, list[dict],
         eval_batch_size=int(cfg.trainer.eval_batch_size),
         val_fraction=held_out_fraction(cfg, method),
         seed=int(cfg.seed),
+        **held_out_split(cfg),
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each DDP process (OMP_NUM_THREADS=1): the same rounding

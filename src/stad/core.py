@@ -84,6 +84,8 @@ class Stage:
             the lowest ``val_loss`` on normal images held out of the training set (never the
             test set).
         val_loss: the selection criterion on held-out normal images (default: ``loss``).
+        drop_last: drop the last incomplete training batch of every epoch (e.g. AST's official
+            loaders); kept when the training set is smaller than one batch.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Stage:
     scheduler: Callable[..., Any] | None = None
     selection: str = "last"
     val_loss: LossFn | None = None
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         if self.selection not in ("last", "min_val_loss"):
@@ -107,7 +110,7 @@ class Stage:
         cls, name: str, cfg: Any, trainable: Sequence[str], loss: LossFn, **kwargs: Any
     ) -> Stage:
         """A stage from its yaml block: ``epochs``, ``optimizer`` (a ``_partial_`` target),
-        optional ``scheduler`` (a ``_partial_`` target) and ``selection``."""
+        optional ``scheduler`` (a ``_partial_`` target), ``selection`` and ``drop_last``."""
         scheduler = cfg.get("scheduler")
         return cls(
             name=name,
@@ -117,6 +120,7 @@ class Stage:
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(scheduler) if scheduler is not None else None,
             selection=str(cfg.get("selection", "last")),
+            drop_last=bool(cfg.get("drop_last", False)),
             **kwargs,
         )
 

@@ -467,6 +467,7 @@ def _fit_stage(
     ckpt_path = str(last) if last.is_file() else None
     if ckpt_path:
         log.info("stage %s: resuming from %s", stage.name, last)
+    datamodule.drop_last_train = stage.drop_last
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     seconds = time.perf_counter() - start

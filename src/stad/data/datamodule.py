@@ -75,6 +75,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.split_rule = split_rule
+        # Set per stage by the runner (Stage.drop_last) before each fit.
+        self.drop_last_train = False
         self.split_random_state = split_random_state
         if splits.validation is not None and val_fraction > 0:
             self._train: Dataset = splits.train
@@ -120,9 +122,11 @@ class AnomalyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # The shuffle order is a function of the seed and the epoch alone (stad.distributed),
         # whatever the model's initialisation drew from the global RNG.
-        return self._loader(
-            self._train, self.batch_size, sampler=train_sampler(self._train, self.seed)
-        )
+        # A training set smaller than one batch keeps its only batch: zero steps would train
+        # nothing.
+        sampler = train_sampler(self._train, self.seed)
+        drop_last = self.drop_last_train and len(sampler) >= self.batch_size  # this process's share
+        return self._loader(self._train, self.batch_size, sampler=sampler, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader | list:
         # Lightning skips validation for an empty list; None would be rejected.
@@ -153,6 +157,7 @@ class AnomalyDataModule(L.LightningDataModule):
         dataset: Dataset,
         batch_size: int,
         sampler: Sampler | None = None,
+        drop_last: bool = False,
     ) -> DataLoader:
         return DataLoader(
             dataset,
@@ -160,7 +165,7 @@ class AnomalyDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            drop_last=drop_last,
             # A generator of its own for every loader: creating an iterator draws a seed from
             # it, never from the global RNG, so the random numbers a method draws while
             # training do not depend on when Lightning builds its iterators (a resumed run

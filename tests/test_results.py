@@ -47,3 +47,21 @@ def test_foreign_or_truncated_file_is_a_clear_error(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(StadError, match="not a stad run record"):
         read_record(tmp_path / "b.json")
+
+
+def test_a_record_written_before_its_index_entry_still_counts_as_done(tmp_path):
+    """A sweep killed between a run's record and its index entry must not rerun it (seen in CI:
+    a restarted sweep completed one configuration twice)."""
+    from stad.results import find_previous_run, register_run, register_started
+
+    run_dir = tmp_path / "out" / "run0"
+    run_dir.mkdir(parents=True)
+    record = _record()
+    record["config_hash"] = "abc123"
+    register_started(tmp_path / "out", "abc123", run_dir)
+    assert find_previous_run(tmp_path / "out", "abc123") is None  # started, no record yet
+    write_record(run_dir, record)
+    assert find_previous_run(tmp_path / "out", "abc123") == run_dir.resolve()  # no index entry
+    assert find_previous_run(tmp_path / "out", "other") is None
+    register_run(tmp_path / "out", "abc123", run_dir)
+    assert find_previous_run(tmp_path / "out", "abc123") == run_dir.resolve()

@@ -198,17 +198,30 @@ def register_run(output_root: str | Path, key: str, run_dir: Path) -> None:
 
 
 def find_previous_run(output_root: str | Path, key: str) -> Path | None:
-    """The run directory holding a complete record for config hash ``key``, if one exists."""
-    index = _index_path(output_root, key)
-    try:
-        run_dir = Path(json.loads(index.read_text())["run_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The run directory holding a complete record for config hash ``key``, if one exists.
+
+    Looks in the index first, then in the directory the run was started in: a sweep killed
+    after a run wrote its record but before the index entry was written must not run it again.
+    """
+    for marker in (_index_path(output_root, key), _started_path(output_root, key)):
+        try:
+            run_dir = Path(json.loads(marker.read_text())["run_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _holds_record_of(run_dir, key):
+            return run_dir
+    return None
+
+
+def _holds_record_of(run_dir: Path, key: str) -> bool:
+    if not (run_dir / RECORD_NAME).is_file():
+        return False
     try:
         record = read_record(run_dir / RECORD_NAME)
     except StadError:
-        return None
-    return run_dir if record.get("config_hash", config_hash(record["config"])) == key else None
+        return False
+    recorded = record.get("config_hash") or config_hash(record["config"])
+    return recorded == key
 
 
 def _started_path(output_root: str | Path, key: str) -> Path:

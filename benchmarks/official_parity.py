@@ -231,6 +231,15 @@ def normalised(images: Tensor, extractor: Any) -> Tensor:
     return (images - mean) / std
 
 
+def _stad_side(report: Report, root: Path, preset: list[str], size: int, n: int) -> tuple:
+    """stad's method at random weights for ``preset``, the shared batch, and its normalised
+    copy for the official side; the revision and size go to the report's notes."""
+    method, _ = stad_method([*preset, "backbone.weights=random", f"image_size={size}", *_NO_CACHE])
+    report.notes.append(f"official revision {revision(root)}; image {size} px, batch {n}")
+    images = batch_images(size, n)
+    return method, images, normalised(images, method.teacher.extractor)
+
+
 # -- RD4AD -------------------------------------------------------------------------------------
 
 _BLOCK = {
@@ -289,18 +298,7 @@ def rd_parity(root: Path, size: int, n: int, tolerance: float) -> Report:
         torch.manual_seed(0)
         encoder, bn = mods["resnet"].wide_resnet50_2(pretrained=False)
         decoder = mods["de_resnet"].de_wide_resnet50_2(pretrained=False)
-    method, _ = stad_method(
-        [
-            "method=rd",
-            "backbone=wide_resnet50_2",
-            "backbone.weights=random",
-            f"image_size={size}",
-            *_NO_CACHE,
-        ]
-    )
-    report.notes.append(f"official revision {revision(root)}; image {size} px, batch {n}")
-    images = batch_images(size, n)
-    x = normalised(images, method.teacher.extractor)
+    method, images, x = _stad_side(report, root, ["method=rd", "backbone=wide_resnet50_2"], size, n)
     encoder.eval()
     randomise_batchnorm([encoder, bn, decoder], lambda: decoder(bn(encoder(x))))
     unused, _ = copy_by_key_map(method, {"enc": encoder, "bn": bn, "dec": decoder}, rd_key_map)
@@ -395,18 +393,7 @@ def stfpm_parity(root: Path, size: int, n: int, tolerance: float) -> Report:
     ms3 = _stfpm_network(root, report)
     torch.manual_seed(0)
     teacher, student = ms3(), ms3()
-    method, _ = stad_method(
-        [
-            "method=stfpm",
-            "backbone=resnet18",
-            "backbone.weights=random",
-            f"image_size={size}",
-            *_NO_CACHE,
-        ]
-    )
-    report.notes.append(f"official revision {revision(root)}; image {size} px, batch {n}")
-    images = batch_images(size, n)
-    x = normalised(images, method.teacher.extractor)
+    method, images, x = _stad_side(report, root, ["method=stfpm", "backbone=resnet18"], size, n)
     randomise_batchnorm([teacher, student], lambda: (teacher(x), student(x)))
     unused, _ = copy_by_key_map(method, {"teacher": teacher, "student": student}, stfpm_key_map)
     report.notes.append(f"official tensors stad does not use: {_summary(unused)}")

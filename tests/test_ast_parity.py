@@ -43,12 +43,7 @@ SMALL = ("method.flow.hidden=16", "method.student.hidden=16")
 SHIFTED = ("blocks.3.0.conv_dw", "blocks.5.0.conv_dw")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny convolutions
 
 
 @pytest.fixture(scope="module")

@@ -366,3 +366,33 @@ def test_failed_runs_on_stderr_when_printing_and_in_the_error_when_nothing_finis
     err = capsys.readouterr().err
     assert "no run records" in err and "1 runs failed" in err and "CUDA out of memory" in err
     assert not out.exists() and not (tmp_path / "board_failed.csv").exists()
+
+
+def test_paper_rows_per_category_say_whether_the_setting_is_the_papers(tmp_path):
+    """STFPM's per-category official values sit beside a bottle run; a run on another backbone
+    or with capped epochs is marked as not comparable, with the reason."""
+    paper_like = _record(method="stfpm", metrics=(1.0, 0.98, 0.95))
+    paper_like["config"]["backbone"]["name"] = "resnet18.tv_in1k"
+    paper_like["config"]["method"].update(paper_backbone="resnet18.tv_in1k", image_size=256)
+    paper_like["config"]["image_size"] = 256
+    paper_like["config_hash"] = config_hash(paper_like["config"])
+    _write(tmp_path / "paper", "a", paper_like)
+    rows = _table(str(tmp_path / "paper"), "--paper")
+    bottle = next(r for r in rows if r["category"] == "bottle")
+    assert float(bottle["paper_image_auroc"]) == pytest.approx(1.0)
+    assert float(bottle["diff_pixel_auroc"]) == pytest.approx(0.98 - 0.987894)
+    assert bottle["comparable"] == "yes"
+
+    other = _record(method="stfpm", metrics=(0.9, 0.9, 0.8))
+    other["config"]["method"].update(
+        paper_backbone="resnet18.tv_in1k", image_size=256, stages={"distill": {"epochs": 100}}
+    )
+    other["config"].update(image_size=128, trainer={"max_epochs": 10})
+    other["config_hash"] = config_hash(other["config"])
+    _write(tmp_path / "other", "a", other)
+    bottle = next(
+        r for r in _table(str(tmp_path / "other"), "--paper") if r["category"] == "bottle"
+    )
+    assert "backbone resnet18 (paper resnet18.tv_in1k)" in bottle["comparable"]
+    assert "128 px (paper 256)" in bottle["comparable"]
+    assert "distill 10 epochs (paper 100)" in bottle["comparable"]

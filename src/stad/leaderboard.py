@@ -422,8 +422,33 @@ def _condition_holds(row: Row, condition: str) -> bool:
     return all(str(run.config.get(key)) == value for run in row.runs)
 
 
+def setting_differences(config: dict[str, Any]) -> list[str]:
+    """Where a run's setting departs from its method's paper setting, read from its config:
+    another backbone than ``method.paper_backbone``, another input size than
+    ``method.image_size``, fewer epochs than a stage's (``trainer.max_epochs`` or
+    ``trainer.max_steps`` caps); empty when it is the paper's setting."""
+    out = []
+    paper_backbone = config.get("method.paper_backbone")
+    backbone = config.get("backbone.name")
+    if paper_backbone and backbone and str(backbone) != str(paper_backbone):
+        out.append(f"backbone {backbone} (paper {paper_backbone})")
+    paper_size, size = config.get("method.image_size"), config.get("image_size")
+    if paper_size is not None and size is not None and int(size) != int(paper_size):
+        out.append(f"{size} px (paper {paper_size})")
+    cap = config.get("trainer.max_epochs")
+    for key, value in sorted(config.items()):
+        stage_epochs = key.startswith("method.stages.") and key.endswith(".epochs")
+        if stage_epochs and cap and int(cap) < int(value):
+            out.append(f"{key.split('.')[2]} {cap} epochs (paper {value})")
+    steps = config.get("trainer.max_steps")
+    if steps not in (None, -1, "-1"):
+        out.append(f"max_steps {steps}")
+    return out
+
+
 def add_paper(rows: Sequence[Row], metrics: Sequence[str], papers: Sequence[dict]) -> None:
-    """``paper_<metric>``, ``diff_<metric>`` (ours − paper) and the source on matching rows."""
+    """``paper_<metric>``, ``diff_<metric>`` (ours − paper), the source and ``comparable``
+    (``yes``, or how the runs' setting departs from the paper's) on matching rows."""
     for row in rows:
         for paper in papers:
             if (paper["dataset"], paper["category"], paper["method"]) != (
@@ -437,6 +462,8 @@ def add_paper(rows: Sequence[Row], metrics: Sequence[str], papers: Sequence[dict
                     row.values[f"paper_{name}"] = float(paper[name])
                     row.values[f"diff_{name}"] = float(row.values[name]) - float(paper[name])
             row.values["paper_source"] = paper["source"]
+            differences = sorted({d for run in row.runs for d in setting_differences(run.config)})
+            row.values["comparable"] = "; ".join(differences) if differences else "yes"
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -453,7 +480,7 @@ def columns(rows: Sequence[Row], metrics: Sequence[str], paper: bool) -> list[st
     if paper:
         for name in metrics:
             cols += [f"paper_{name}", f"diff_{name}"]
-        cols.append("paper_source")
+        cols += ["paper_source", "comparable"]
     present = {c for row in rows for c in row.values} | set(KEY_COLUMNS)
     return [c for c in cols if c in present]
 

@@ -48,7 +48,7 @@ def test_level_map_follows_the_paper_formula():
 
 
 def test_joint_loss_sums_both_students_and_reaches_the_encoder_through_the_decoder(tiny_config):
-    cfg = tiny_config("method=dskd")
+    cfg = tiny_config("method=dskd", "method.detach_encoder=false")
     method = build_method(cfg.method, cfg.backbone)
     stage = method.stages[0]
     batch = random_batch()
@@ -58,7 +58,7 @@ def test_joint_loss_sums_both_students_and_reaches_the_encoder_through_the_decod
     _, decoded = method.student.both(batch, targets)
     level = sum(dskd_distance(t, d).mean() for t, d in zip(targets, decoded, strict=True)) / 3
     assert torch.allclose(losses["loss_decoder"], level, atol=1e-6)
-    # detach_encoder=false (default): S_d's loss alone gives S_e gradients.
+    # detach_encoder=false (stad's alternative): S_d's loss alone gives S_e gradients.
     level.backward()
     assert any(
         p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.encoder.parameters()
@@ -66,7 +66,9 @@ def test_joint_loss_sums_both_students_and_reaches_the_encoder_through_the_decod
 
 
 def test_detached_encoder_gets_no_gradient_from_the_decoder_loss(tiny_config):
-    cfg = tiny_config("method=dskd", "method.detach_encoder=true")
+    # The paper's default: the two distillations are trained separately.
+    cfg = tiny_config("method=dskd")
+    assert cfg.method.detach_encoder is True
     method = build_method(cfg.method, cfg.backbone)
     batch = random_batch()
     targets = method.teacher(batch)
@@ -74,6 +76,28 @@ def test_detached_encoder_gets_no_gradient_from_the_decoder_loss(tiny_config):
     sum(dskd_distance(t, d).mean() for t, d in zip(targets, decoded, strict=True)).backward()
     assert all(p.grad is None for p in method.student.encoder.parameters())
     assert any(p.grad is not None for p in method.student.decoder.parameters())
+
+
+@pytest.mark.parametrize("power", [2.0, 1.0])
+def test_the_embedding_sees_the_encoder_levels_normalised_as_eq_3(tiny_config, power):
+    # paper Eq. 3: x / ‖x‖² per position (power 2, the default); power 1: unit vectors.
+    cfg = tiny_config("method=dskd", f"method.dfe.input_norm_power={power}")
+    assert compose_config(["method=dskd"]).method.dfe.input_norm_power == 2
+    method = build_method(cfg.method, cfg.backbone)
+    seen = []
+    method.student.dfe.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    batch = random_batch()
+    method.student.both(batch, method.teacher(batch))
+    encoded = method.student.encoder(batch["image"])
+    for got, f in zip(seen[0], encoded, strict=True):
+        norm = f.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(got, f / norm.pow(power))
+
+
+def test_mtd_composes_the_papers_128_px(tiny_config):
+    # The DSKD paper trains MTD at 128×128 and MVTec AD at 256×256.
+    assert compose_config(["method=dskd", "dataset=mtd"]).image_size == 128
+    assert compose_config(["method=dskd", "dataset=mvtec"]).image_size == 256
 
 
 def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_students(tiny_config):

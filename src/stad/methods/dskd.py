@@ -3,7 +3,8 @@
 Teacher T: a frozen ImageNet ResNet-18, levels conv2_x..conv4_x.
 Students: an encoder student S_e (T's architecture, random init, sees the image) and a decoder
 student S_d (S_e reversed) that rebuilds T's levels from the deep feature embedding (DFE) of
-S_e's L2-normalised features. Both students learn T's levels together.
+S_e's features, each normalised as Eq. 3 normalises (x / ‖x‖² per position). The paper trains
+the two distillations separately: S_d's loss stops at the DFE's input (``detach_encoder``).
 Scorer: T vs S_d only; per level M = λ·½‖t̂ − ŝ‖² + (1 − cos), resized to the input, summed,
 Gaussian σ = 4; image score = max.
 No public code exists: each unstated choice is a config value (conf/method/dskd.yaml) and is
@@ -16,7 +17,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
@@ -42,19 +42,22 @@ class DualStudent(Student):
         encoder: FeatureExtractor,
         dfe: FusionBottleneck,
         decoder: MirroredDecoder,
-        detach_encoder: bool = False,
+        detach_encoder: bool = True,
+        input_norm_power: float = 2.0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.dfe = dfe
         self.decoder = decoder
+        # True (paper): the two distillations are trained "separately and independently";
         # False: S_d's loss also trains S_e through the DFE (one joint objective).
         self.detach_encoder = detach_encoder
+        self.input_norm_power = input_norm_power
 
     def both(self, batch: Batch, targets: Features) -> tuple[Features, Features]:
         """The levels of S_e and of S_d, shallow first, at the sizes of ``targets``."""
         encoded = self.encoder(batch["image"])
-        inputs = [F.normalize(f, dim=1) for f in encoded]
+        inputs = [normalise(f, self.input_norm_power) for f in encoded]
         if self.detach_encoder:
             inputs = [f.detach() for f in inputs]
         decoded = self.decoder(self.dfe(inputs), [t.shape[-2:] for t in targets])
@@ -114,7 +117,8 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     # S_e reversed: the encoder's stage lengths, deepest level first (ResNet-18: [2, 2, 2]).
     stage_blocks = list(reversed(layout.stage_blocks[: len(layers)]))
     decoder = MirroredDecoder(dfe_channels, dfe.out_stride, channels, strides, layout, stage_blocks)
-    student = DualStudent(encoder, dfe, decoder, bool(cfg.detach_encoder))
+    input_power = float(cfg.dfe.get("input_norm_power", 1.0))  # runs saved before: unit vectors
+    student = DualStudent(encoder, dfe, decoder, bool(cfg.detach_encoder), input_power)
     lam, power = float(cfg.lam), float(cfg.norm_power)
     distance = partial(dskd_distance, lam=lam, power=power)
     scorer = SummedLevelScorer.from_config(distance, cfg.scorer)
@@ -130,6 +134,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
         "lambda": lam,
         "norm_power": power,
         "detach_encoder": bool(cfg.detach_encoder),
+        "dfe_input_norm_power": input_power,
         "dfe_channels": dfe_channels,
         "decoder_block": layout.block,
         "decoder_stage_blocks": stage_blocks,

@@ -78,13 +78,19 @@ def test_layouts_follow_the_papers_tables():
     assert net(torch.rand(3, 3, 65, 65)).shape == (3, 128)
 
 
-def test_leaky_relu_follows_every_convolution_but_the_descriptor_layer():
-    net = PatchNet(17, out_channels=4, width=0.0625, slope=0.5).double()
+@pytest.mark.parametrize("descriptor_activation", [True, False])
+def test_leaky_relu_follows_every_convolution_the_descriptor_layer_as_the_paper(
+    descriptor_activation,
+):
+    # Paper: LeakyReLU after every convolution; the switch leaves the descriptor layer linear.
+    net = PatchNet(
+        17, out_channels=4, width=0.0625, slope=0.5, descriptor_activation=descriptor_activation
+    ).double()
     x = torch.rand(1, 3, 17, 17, dtype=torch.float64)
     h = x
     for i, conv in enumerate(net.convs):
         h = conv(h)
-        if i < len(net.convs) - 1:
+        if descriptor_activation or i < len(net.convs) - 1:
             h = torch.where(h > 0, h, 0.5 * h)
     torch.testing.assert_close(net(x), h.flatten(1))
 

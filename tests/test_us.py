@@ -75,8 +75,26 @@ def test_decorrelation_loss_correlates_descriptor_dimensions_not_samples():
     assert float(us.decorrelation_loss(desc)) == pytest.approx(2.0, abs=1e-4)
     assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1))) == pytest.approx(-2, abs=1e-4)
     assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1), "abs")) == pytest.approx(2, 1e-4)
+    assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1), "squared")) == pytest.approx(
+        2, 1e-4
+    )
     # Identical samples with uncorrelated dimensions: a sample-correlation loss would be large.
     assert float(us.decorrelation_loss(torch.stack([a, b], 1))) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(us.StadError, match="decorrelation_mode"):
+        us.decorrelation_loss(desc, "cubed")
+
+
+def test_signed_decorrelation_reaches_its_minimum_minus_d_by_a_rank_one_collapse():
+    # Σ_{i≠j} c_ij = 1ᵀC1 − d ≥ −d: d dimensions that are ± one signal, balanced in sign, reach
+    # −d while every pair is perfectly (anti-)correlated; abs and squared are then largest.
+    d, signal = 8, torch.randn(256, generator=torch.Generator().manual_seed(0))
+    collapsed = torch.stack([signal * (1 if i % 2 else -1) for i in range(d)], dim=1)
+    assert float(us.decorrelation_loss(collapsed, "signed")) == pytest.approx(-d, rel=1e-4)
+    assert float(us.decorrelation_loss(collapsed, "abs")) == pytest.approx(d * (d - 1), rel=1e-4)
+    assert float(us.decorrelation_loss(collapsed, "squared")) == pytest.approx(d * (d - 1), 1e-4)
+    independent = torch.randn(4096, d, generator=torch.Generator().manual_seed(1))
+    # Sample correlations of independent dimensions: c_ij² ≈ 1/n each, 56 pairs.
+    assert float(us.decorrelation_loss(independent, "squared")) < 0.05
 
 
 def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
@@ -97,7 +115,12 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
     assert us.teacher_path(17, same.method, same.backbone) == us.teacher_path(
         17, cfg.method, cfg.backbone
     )
-    for change in ("method.teacher.steps=4", "method.teacher.loss.decorrelation=0.5"):
+    for change in (
+        "method.teacher.steps=4",
+        "method.teacher.loss.decorrelation=0.5",
+        "method.descriptor_activation=false",
+        "method.teacher.include_train_images=true",
+    ):
         other = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}", change)
         assert us.teacher_path(17, other.method, other.backbone) != us.teacher_path(
             17, cfg.method, cfg.backbone
@@ -109,11 +132,14 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
     assert method.info["teacher_pretraining"]["p17"]["cache"] == "hit"
 
 
-def test_pretraining_crops_come_from_natural_images_and_the_training_set(us_config, tmp_path):
+def test_pretraining_crops_come_from_natural_images_only_unless_asked(us_config, tmp_path):
+    # Paper: the teacher never sees the target data; the training images are an option.
     cfg = us_config()
     files = us.crop_sources(cfg.method)
     assert any(f.name == "chelsea.png" for f in files)
-    assert any("train" in f.parts and "good" in f.parts for f in files)
+    assert not any("train" in f.parts and "good" in f.parts for f in files)
+    with_train = us.crop_sources(us_config("method.teacher.include_train_images=true").method)
+    assert any("train" in f.parts and "good" in f.parts for f in with_train)
     crops = us.NaturalCrops(us.ImageSource(files[:3], 128), 33, 4, cfg.method.teacher.crops, 0)
     item = crops[1]
     assert item["image"].shape == (3, 33, 33) and float(item["image"].min()) >= 0
@@ -146,6 +172,7 @@ def test_config_composes_the_papers_defaults():
     m = cfg.method
     assert list(m.scales) == [17, 33, 65] and m.students.count == 3 and m.descriptor_dim == 128
     assert cfg.image_size == 256 and m.batch_size == 1 and m.leaky_slope == 5e-3
+    assert m.descriptor_activation is True and m.teacher.include_train_images is False
     assert m.stages.students.epochs == 100 and m.stages.students.optimizer.lr == 1e-4
     assert m.teacher.steps == 50000 and m.teacher.batch_size == 64
     assert m.teacher.optimizer.lr == 2e-4 and m.teacher.optimizer.weight_decay == 1e-5
@@ -165,9 +192,10 @@ def test_us_detects_defects_and_standardises_on_normal_validation_images_only(
         update(self, method, batch)
 
     monkeypatch.setattr(us.ScoreCalibration, "update", spy)
-    # 8 epochs of batch 2 at 64 px, one scale (p = 17), tiny networks: measured image AUROC 0.64,
-    # pixel AUROC 0.87, PRO 0.57 (chance: 0.5, 0.5, ~0.15). The image score (max of a map from
-    # 8-channel networks) is the noisiest of the three, hence its low bar.
+    # 8 epochs of batch 2 at 64 px, one scale (p = 17), tiny networks, teacher pretrained on
+    # natural images only (the paper's setting): measured image AUROC 0.68, pixel AUROC 0.78,
+    # PRO 0.46 (chance: 0.5, 0.5, ~0.15). The image score (max of a map from 8-channel
+    # networks) is the noisiest of the three, hence its low bar.
     cfg = us_config(
         "image_size=64",
         "method.scales=[17]",
@@ -184,8 +212,8 @@ def test_us_detects_defects_and_standardises_on_normal_validation_images_only(
     record = run(cfg, tmp_path)
     m = record["metrics"]
     assert m["image_auroc"] > 0.55, m
-    assert m["pixel_auroc"] > 0.8, m
-    assert m["pro"] > 0.4, m
+    assert m["pixel_auroc"] > 0.7, m
+    assert m["pro"] > 0.35, m
     # Calibration saw exactly the held-out normal training images: no test image, none twice.
     assert len(seen) == len(set(seen)) == record["data"]["n_val"] > 0
     assert all("/train/good/" in p for p in seen), seen

@@ -74,7 +74,8 @@ def effective_field(layout: Sequence[Layer]) -> int:
 class PatchNet(nn.Module):
     """One patch network: p×p patch → d-dimensional descriptor, evaluable densely.
 
-    LeakyReLU (paper: slope 5e-3) follows every convolution but the descriptor layer.
+    LeakyReLU (paper: slope 5e-3) follows every convolution, the descriptor layer included
+    (the paper's tables); ``descriptor_activation=False`` leaves the descriptor linear.
 
     Args:
         patch_size: p, one of ``LAYOUTS`` (17, 33, 65).
@@ -83,6 +84,7 @@ class PatchNet(nn.Module):
         slope: negative slope of the LeakyReLU.
         padding: ``reflect`` (default), ``replicate`` or ``zeros``, how the dense evaluation pads
             the image borders.
+        descriptor_activation: LeakyReLU after the descriptor layer too (paper).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class PatchNet(nn.Module):
         width: float = 1.0,
         slope: float = 5e-3,
         padding: str = "reflect",
+        descriptor_activation: bool = True,
     ) -> None:
         super().__init__()
         if patch_size not in LAYOUTS:
@@ -105,6 +108,7 @@ class PatchNet(nn.Module):
         self.out_channels = out_channels
         self.slope = slope
         self.padding = padding
+        self.descriptor_activation = descriptor_activation
         self.layout = LAYOUTS[patch_size]
         self.field = effective_field(self.layout)
         convs, channels = [], 3
@@ -220,7 +224,7 @@ class PatchNet(nn.Module):
 
     def _run(self, x: Tensor, dense: bool) -> Tensor:
         dilation, i = 1, 0
-        last = len(self.convs) - 1
+        activated = len(self.convs) if self.descriptor_activation else len(self.convs) - 1
         for layer in self.layout:
             if isinstance(layer, Pool):
                 if dense:
@@ -231,7 +235,7 @@ class PatchNet(nn.Module):
                 continue
             conv = self.convs[i]
             x = F.conv2d(x, conv.weight, conv.bias, dilation=dilation)
-            if i < last:
+            if i < activated:
                 x = F.leaky_relu(x, self.slope)
             i += 1
         return x

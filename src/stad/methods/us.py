@@ -72,6 +72,8 @@ def patch_net(p: int, cfg: DictConfig) -> PatchNet:
         width=float(cfg.width),
         slope=float(cfg.leaky_slope),
         padding=str(cfg.padding),
+        # Runs saved before the switch existed had a linear descriptor layer.
+        descriptor_activation=bool(cfg.get("descriptor_activation", False)),
     )
 
 
@@ -101,7 +103,8 @@ def natural_images(cfg: DictConfig) -> list[Path]:
 
 
 def uses_train_images(cfg: DictConfig) -> bool:
-    """The offline default also crops the dataset's own training images (stad's choice)."""
+    """Whether the offline source also crops the dataset's own training images (stad's option,
+    off by default: the paper's teacher never sees the target data)."""
     return not cfg.teacher.pretrain_images and bool(cfg.teacher.include_train_images)
 
 
@@ -250,9 +253,17 @@ class DistillationNet(TeacherBase):
         self.target = target
 
 
+DECORRELATION_MODES = ("signed", "abs", "squared")
+
+
 def decorrelation_loss(desc: Tensor, mode: str = "signed") -> Tensor:
-    """L_c = Σ_{i≠j} c_ij over the d×d correlation matrix of the descriptor *dimensions* across
-    the batch (paper); ``abs`` sums |c_ij| instead.
+    """L_c over the off-diagonal d×d correlations c_ij of the descriptor *dimensions* across the
+    batch: ``signed`` Σ_{i≠j} c_ij (the paper's text), ``abs`` Σ |c_ij|, ``squared`` Σ c_ij²
+    (the cited L2-Net's penalty).
+
+    The signed sum equals 1ᵀC1 − d, so its minimum −d is reached whenever the standardised
+    dimensions sum to zero for every sample, e.g. by a rank-1 collapse onto ± one direction:
+    it does not decorrelate. The other two are zero exactly when C is the identity.
 
     Args:
         desc: B×d descriptors.
@@ -260,8 +271,14 @@ def decorrelation_loss(desc: Tensor, mode: str = "signed") -> Tensor:
     z = desc - desc.mean(0, keepdim=True)
     z = z / (z.pow(2).mean(0, keepdim=True).sqrt() + 1e-6)
     corr = z.T @ z / desc.shape[0]
+    if mode not in DECORRELATION_MODES:
+        raise StadError(
+            f"method.teacher.loss.decorrelation_mode={mode!r}: use one of {DECORRELATION_MODES}"
+        )
     if mode == "abs":
         corr = corr.abs()
+    elif mode == "squared":
+        corr = corr.pow(2)
     return corr.sum() - corr.diagonal().sum()
 
 
@@ -297,7 +314,10 @@ def pretraining_settings(p: int, cfg: DictConfig, backbone: DictConfig) -> dict[
     train = cfg.teacher.train_data if uses_train_images(cfg) else None
     return {
         "p": p,
-        "architecture": {k: cfg[k] for k in ("descriptor_dim", "width", "leaky_slope")},
+        "architecture": {
+            **{k: cfg[k] for k in ("descriptor_dim", "width", "leaky_slope")},
+            "descriptor_activation": bool(cfg.get("descriptor_activation", False)),
+        },
         "target": {"name": str(backbone.name), "weights": str(backbone.weights)},
         "images": {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()},
         # The training images are named by their dataset config (listing them decodes them).

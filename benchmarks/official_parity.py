@@ -548,8 +548,23 @@ def _summary(keys: list[str]) -> str:
     return f"{len(keys)} tensors ({', '.join(heads[:8])}{', ...' if len(heads) > 8 else ''})"
 
 
-PARITY = {"rd": rd_parity, "stfpm": stfpm_parity}
-SIZES = {"rd": 256, "stfpm": 256}
+def _elsewhere(module: str, name: str) -> Callable[..., Report]:
+    """A method's harness kept in its own file beside this one (benchmarks/<module>.py)."""
+
+    def run(*args: Any) -> Report:
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return run
+
+
+PARITY = {
+    "rd": rd_parity,
+    "stfpm": stfpm_parity,
+    "ast": _elsewhere("parity_ast", "ast_parity"),
+    "aand": _elsewhere("parity_aand", "aand_parity"),
+}
+# The presets' resolutions: RD/STFPM/AAND 256 px, AST 768 px (its MVTec AD setting).
+SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256}
 
 
 def main() -> None:
@@ -568,6 +583,9 @@ def main() -> None:
         help="a stad config override on top of the preset (repeatable)",
     )
     args = parser.parse_args()
+    # The harnesses in their own files import this module by name: let them see this copy
+    # (run as a script it is __main__), so --set reaches them.
+    sys.modules.setdefault("official_parity", sys.modules[__name__])
     _EXTRA.extend(args.set)
     torch.use_deterministic_algorithms(True, warn_only=True)
     size = args.image_size or SIZES[args.method]

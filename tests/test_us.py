@@ -97,6 +97,57 @@ def test_signed_decorrelation_reaches_its_minimum_minus_d_by_a_rank_one_collapse
     assert float(us.decorrelation_loss(independent, "squared")) < 0.05
 
 
+def test_pretraining_loss_is_the_papers_weighted_sum_term_by_term():
+    # Paper: L = λ_k·L_k + λ_m·L_m + λ_c·L_c with L_k = ‖D(T̂(p)) − P(p)‖² (batch mean) and the
+    # triplet term max(0, δ + ‖a − p‖² − min(‖a − n‖², ‖p − n‖²)) (hardest negative, anchor swap).
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 4))
+    decoder = torch.nn.Linear(4, 6)
+    projection = torch.randn(3 * 5 * 5, 6, generator=g)
+
+    def target(images):  # a fixed "pooled descriptor" of the raw images
+        return images.flatten(1) @ projection
+
+    teacher = SimpleNamespace(net=net, decoder=decoder, target=target)
+    batch = {k: torch.rand(8, 3, 5, 5, generator=g) for k in ("image", "positive", "negative")}
+    weights = {"distill": 0.7, "triplet": 0.3, "decorrelation": 0.2}
+    loss = OmegaConf.create({**weights, "decorrelation_mode": "squared", "margin": 1.5})
+    got = us.pretraining_loss(SimpleNamespace(teacher=teacher), batch, loss)
+    a, p, n = (net(us.normalize(batch[k])) for k in ("image", "positive", "negative"))
+    l_k = (decoder(a) - target(batch["image"])).pow(2).sum(1).mean()
+    d_neg = torch.minimum((a - n).pow(2).sum(1), (p - n).pow(2).sum(1))
+    l_m = torch.relu(1.5 + (a - p).pow(2).sum(1) - d_neg).mean()
+    z = (a - a.mean(0)) / a.std(0, unbiased=False)
+    corr = z.T @ z / 8
+    l_c = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+    expected = 0.7 * l_k + 0.3 * l_m + 0.2 * l_c
+    torch.testing.assert_close(got["loss"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["distill"], l_k.detach())
+
+
+def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config):
+    # Paper: each student S_i minimises the mean over pixels of ‖S_i − (y − μ)/σ‖², with μ, σ
+    # the per-channel statistics of the teacher's descriptors on the training images.
+    torch.manual_seed(0)
+    cfg = us_config("method.scales=[17]", "method.students.count=2")
+    method = build_method(cfg.method, cfg.backbone)
+    batch = random_batch(n=2, size=24)
+    method.stages[0].loss(method, batch)  # the statistics pass
+    images = us.normalize(batch["image"])
+    teacher, students = method.teacher, list(method.student.ensembles.values())[0].nets
+    with torch.no_grad():
+        y = teacher.nets[0].dense(images)
+        mean, std = teacher.stats.mean_std(0)
+        target = (y - mean.float().view(1, -1, 1, 1)) / std.float().view(1, -1, 1, 1)
+        expected = sum((s.dense(images) - target).pow(2).sum(1).mean() for s in students)
+        got = us.student_loss(method, batch, 0)["loss"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
     cfg = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}")
     first, info = us.load_or_pretrain(17, cfg.method, cfg.backbone)

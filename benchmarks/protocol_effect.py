@@ -47,7 +47,8 @@ def evaluate(run_dir: Path, overrides: list[str], batch_size: int) -> dict[str, 
     _load_state(method, _read_tensors(checkpoint_path(run_dir)), run_dir, cfg)
     method.eval()
     rule = OmegaConf.select(cfg, "eval_protocol.mask_rule", default="nearest")
-    with decode_cache(cfg.get("decode_cache")), mask_rule(rule):
+    downscale = OmegaConf.select(cfg, "eval_protocol.mask_downscale", default=None)
+    with decode_cache(cfg.get("decode_cache")), mask_rule(rule, downscale):
         test = build_dataset(cfg.dataset, int(cfg.image_size)).test
     metrics: dict[str, Any] = {
         "image_auroc": ImageAUROC(),

@@ -252,5 +252,6 @@ def test_ast_config_defaults_are_the_official_behaviour():
     assert sc.upsample_factor == (768 // 4) // (768 // 32) and m.image_size == 768
     for name in ("ast_mvtec", "ast_mvtec3d_rgb", "ast_mvtec3d_depth", "ast_mvtec3d_rgbd"):
         cfg = compose_config([f"+experiment={name}"])
-        assert cfg.eval_protocol.mask_rule == "bilinear_nonzero"
+        assert cfg.eval_protocol.mask_rule == "bilinear_positive"
+        assert cfg.eval_protocol.mask_downscale == 4  # the code's depth_len = img_len // 4
         assert cfg.method.static_padding_size == 456 and cfg.method.scorer.upsample == "bicubic"

@@ -60,6 +60,54 @@ def test_rules_differ_on_region_borders_only():
     )
 
 
+def test_bilinear_positive_is_asts_interpolate_then_greater_than_zero():
+    """AST utils.py: F.interpolate(mask, size, mode="bilinear", align_corners=False) on the 0/255
+    float mask, then every value > 0 set to 1 (stricter than >= 0.5: any reach counts)."""
+    import torch
+    import torch.nn.functional as F
+
+    binary = _blob_mask()
+    source = torch.FloatTensor(binary.astype(np.float32) * 255)[None, None]
+    down = F.interpolate(source, size=(32, 32), mode="bilinear", align_corners=False)
+    down[down > 0] = 1
+    ours = resize_mask_by_rule(binary, (32, 32), "bilinear_positive")
+    np.testing.assert_array_equal(ours, down[0, 0].numpy().astype(np.uint8))
+    # A single anomalous pixel reaches more pixels than under the ">= 0.5 of 255" rule.
+    dot = np.zeros((90, 90), np.uint8)
+    dot[45, 45] = 1
+    positive = resize_mask_by_rule(dot, (92, 92), "bilinear_positive").sum()
+    assert positive == 9 > resize_mask_by_rule(dot, (92, 92), "bilinear_nonzero").sum() == 5
+
+
+def test_a_downscaled_rule_holds_the_coarse_mask_over_blocks_and_metrics_equal_the_grids():
+    """AST evaluates maps and masks at input/4; stad holds both over 4×4 blocks at the input
+    size, which leaves pixel AUROC and PRO exactly those on the 1/4 grid."""
+    import torch
+
+    from stad.metrics.functional import au_pro, binary_auroc
+
+    binary = _blob_mask(size=96)
+    coarse = resize_mask_by_rule(binary, (24, 24), "bilinear_positive")
+    held = resize_mask_by_rule(binary, (96, 96), "bilinear_positive@4")
+    np.testing.assert_array_equal(held, np.kron(coarse, np.ones((4, 4), np.uint8)))
+    coarse_map = torch.rand(1, 24, 24, generator=torch.Generator().manual_seed(0))
+    held_map = coarse_map.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    masks = torch.from_numpy(coarse)[None], torch.from_numpy(held)[None]
+    auroc = [
+        binary_auroc(m.flatten(), t.flatten())
+        for m, t in zip((coarse_map, held_map), masks, strict=True)
+    ]
+    assert float(auroc[1]) == pytest.approx(float(auroc[0]), abs=1e-9)
+    pro = [float(au_pro(m, t)) for m, t in zip((coarse_map, held_map), masks, strict=True)]
+    assert pro[1] == pytest.approx(pro[0], abs=1e-6)
+    with pytest.raises(DatasetError, match="mask_downscale=5 does not divide"):
+        resize_mask_by_rule(binary, (96, 96), "nearest@5")
+    with mask_rule("bilinear_positive", 4):
+        pass
+    with pytest.raises(DatasetError, match="mask_downscale"), mask_rule("nearest@x"):
+        pass
+
+
 def test_unknown_rule_names_the_setting():
     with pytest.raises(DatasetError, match=r"eval_protocol\.mask_rule"):
         resize_mask_by_rule(np.zeros((4, 4), np.uint8), (2, 2), "bicubic")

@@ -138,7 +138,7 @@ def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config)
     batch = random_batch(n=2, size=24)
     method.stages[0].loss(method, batch)  # the statistics pass
     images = us.normalize(batch["image"])
-    teacher, students = method.teacher, list(method.student.ensembles.values())[0].nets
+    teacher, students = method.teacher, next(iter(method.student.ensembles.values())).nets
     with torch.no_grad():
         y = teacher.nets[0].dense(images)
         mean, std = teacher.stats.mean_std(0)

@@ -97,7 +97,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     image_size = int(cfg.image_size)
     check_threshold_config(cfg)
     protocol = cfg.get("eval_protocol") or {}
-    with decode_cache(cfg.get("decode_cache")), mask_rule(protocol.get("mask_rule", "nearest")):
+    with (
+        decode_cache(cfg.get("decode_cache")),
+        mask_rule(protocol.get("mask_rule", "nearest"), protocol.get("mask_downscale")),
+    ):
         splits = build_dataset(cfg.dataset, image_size)
     # Before training: a file that moves during a long run must not lose the finished run.
     fingerprint = data_fingerprint(splits)

@@ -27,13 +27,13 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from stad.data.images import (
-    MASK_RULES,
     DecodeCache,
     as_hw,
     check_mask_size,
     load_mask,
     load_rgb,
     read_image_size,
+    split_mask_rule,
 )
 from stad.errors import DatasetError
 
@@ -66,15 +66,13 @@ _RUN_MASK_RULE: ContextVar[str] = ContextVar("stad_mask_rule", default="nearest"
 
 
 @contextmanager
-def mask_rule(rule: str) -> Iterator[None]:
+def mask_rule(rule: str, downscale: int | None = None) -> Iterator[None]:
     """Datasets built inside this block bring binary masks to their size by ``rule``
-    (:data:`stad.data.images.MASK_RULES`; default ``nearest``)."""
-    if rule not in MASK_RULES:
-        raise DatasetError(
-            f"Unknown mask rule {rule!r}; set eval_protocol.mask_rule to one of "
-            f"{', '.join(MASK_RULES)}."
-        )
-    token = _RUN_MASK_RULE.set(rule)
+    (:data:`stad.data.images.MASK_RULES`; default ``nearest``), on a grid ``downscale`` times
+    coarser held at their size when one is given (``eval_protocol.mask_downscale``)."""
+    spec = rule if downscale is None else f"{rule}@{int(downscale)}"
+    split_mask_rule(spec)  # fails with the fix in its message
+    token = _RUN_MASK_RULE.set(spec)
     try:
         yield
     finally:

@@ -266,7 +266,7 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.array(img.resize((width, height), resample=Image.Resampling.NEAREST))
 
 
-MASK_RULES = ("nearest", "antialiased_half", "bilinear_nonzero")
+MASK_RULES = ("nearest", "antialiased_half", "bilinear_nonzero", "bilinear_positive")
 """How a binary mask is brought to the evaluation size (``eval_protocol.mask_rule``):
 
 - ``nearest`` (stad's protocol, every method): binarise ``> 0`` at the file's resolution, then
@@ -276,8 +276,47 @@ MASK_RULES = ("nearest", "antialiased_half", "bilinear_nonzero")
 - ``bilinear_nonzero`` (STFPM's code): ``cv2.resize`` (bilinear, half-pixel centres, no
   antialiasing) of the 0/255 mask, then ``astype(bool)``: any pixel whose rounded value is
   non-zero, i.e. interpolated value ``>= 0.5`` on the 0..255 scale (up to cv2's 11-bit
-  fixed-point weights).
+  fixed-point weights);
+- ``bilinear_positive`` (AST's code): torch bilinear interpolation (half-pixel centres, no
+  antialiasing) of the 0/255 mask, then ``> 0``: every pixel any anomalous source pixel
+  reaches.
+
+A rule may name a coarser evaluation grid, ``<rule>@<k>`` (``eval_protocol.mask_downscale``):
+the mask is brought to (H/k)×(W/k) by the rule, then each grid pixel is held over its k×k block
+of the target size, as AST's code evaluates at 192 px (input/4) while its input is 768 px. With
+a map held the same way, every metric equals the one computed on the grid.
 """
+
+
+def split_mask_rule(spec: str) -> tuple[str, int | None]:
+    """``"bilinear_positive@4"`` → ``("bilinear_positive", 4)``; no ``@``: no coarser grid.
+
+    Raises:
+        DatasetError: unknown rule or a downscale that is not a positive integer.
+    """
+    rule, _, factor = spec.partition("@")
+    if rule not in MASK_RULES or (factor and not (factor.isdigit() and int(factor) > 0)):
+        raise DatasetError(
+            f"Unknown mask rule {spec!r}; set eval_protocol.mask_rule to one of "
+            f"{', '.join(MASK_RULES)} (and eval_protocol.mask_downscale to a positive integer "
+            "or null)."
+        )
+    return rule, int(factor) if factor else None
+
+
+def held_grid_mask(
+    binary: np.ndarray, size_hw: tuple[int, int], rule: str, factor: int
+) -> np.ndarray:
+    """The mask made at ``size_hw / factor`` by ``rule``, each pixel repeated over its
+    factor×factor block of ``size_hw``."""
+    height, width = size_hw
+    if height % factor or width % factor:
+        raise DatasetError(
+            f"eval_protocol.mask_downscale={factor} does not divide the image size "
+            f"{height}x{width}; use a factor that divides image_size, or null"
+        )
+    grid = resize_mask_by_rule(binary, (height // factor, width // factor), rule)
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
 
 
 def resize_mask_by_rule(binary: np.ndarray, size_hw: tuple[int, int], rule: str) -> np.ndarray:
@@ -286,6 +325,9 @@ def resize_mask_by_rule(binary: np.ndarray, size_hw: tuple[int, int], rule: str)
     Raises:
         DatasetError: unknown rule.
     """
+    rule, factor = split_mask_rule(rule)
+    if factor is not None and factor > 1:
+        return held_grid_mask(binary, size_hw, rule, factor)
     if rule == "nearest":
         return resize_mask(binary, size_hw)
     height, width = size_hw
@@ -300,6 +342,13 @@ def resize_mask_by_rule(binary: np.ndarray, size_hw: tuple[int, int], rule: str)
         source = torch.from_numpy(binary.astype(np.float64) * 255.0)[None, None]
         levels = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
         return (levels[0, 0].numpy() >= 0.5).astype(np.uint8)
+    if rule == "bilinear_positive":
+        import torch
+        import torch.nn.functional as F
+
+        source = torch.from_numpy(binary.astype(np.float32) * 255.0)[None, None]
+        levels = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
+        return (levels[0, 0].numpy() > 0).astype(np.uint8)
     raise DatasetError(
         f"Unknown mask rule {rule!r}; set eval_protocol.mask_rule to one of "
         f"{', '.join(MASK_RULES)}."

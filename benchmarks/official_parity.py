@@ -2,6 +2,8 @@
 
     python benchmarks/official_parity.py --method rd --official /path/to/RD4AD
     python benchmarks/official_parity.py --method stfpm --official /path/to/STFPM
+    python benchmarks/official_parity.py --method ast --official /path/to/AST     # parity_ast.py
+    python benchmarks/official_parity.py --method aand --official /path/to/AAND   # parity_aand.py
 
 ``--official`` is a checkout of the method's official repository (RD4AD: github hq-deng/RD4AD;
 STFPM: github gdwang08/STFPM), given by path: stad never downloads it and installs nothing.
@@ -567,6 +569,14 @@ PARITY = {
 SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256}
 
 
+def _finite(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for strict JSON: a non-finite error (a count or shape mismatch) as the string "inf"."""
+    return [
+        {k: ("inf" if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+        for row in rows
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=sorted(PARITY), required=True)
@@ -594,7 +604,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"method": report.method, "rows": report.rows, "notes": report.notes},
+                {"method": report.method, "rows": _finite(report.rows), "notes": report.notes},
                 indent=2,
                 allow_nan=False,
                 default=str,

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from stad.data import DATASETS, LAYOUTS
-from stad.data.check import LayoutReport, check_sizes, main
+from stad.data.check import LayoutReport, check_sizes
+from stad.data.check_command import main
 from stad.data.fakes import (
     write_fake_btad,
     write_fake_folder,

@@ -430,3 +430,12 @@ def test_infinite_scores_are_ordered(mode: str) -> None:
     maps[0, 0, 0] = float("-inf")
     assert pixel_value(PRO(mode=mode), maps, masks) == pytest.approx(1.0, abs=1e-12)
     assert pixel_value(PixelAUROC(mode=mode), maps, masks) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_image_auroc_gives_its_scores_and_labels_in_update_order():
+    metric = ImageAUROC()
+    metric.update(torch.tensor([0.3, 0.9]), torch.tensor([0, 1]))
+    metric.update(torch.tensor([0.1]), torch.tensor([1]))
+    scores, labels = metric.scores()
+    assert scores.dtype == torch.float32 and labels.dtype == torch.int64
+    assert scores.tolist() == pytest.approx([0.3, 0.9, 0.1]) and labels.tolist() == [0, 1, 1]

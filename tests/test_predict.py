@@ -19,7 +19,8 @@ from stad.backbones import weights_from_checkpoint
 from stad.checkpoint import load_run, save_checkpoint
 from stad.data import build_dataset
 from stad.methods import build_method
-from stad.predict import main, read_labelled, read_png16_map, score_images
+from stad.predict import main, read_png16_map
+from stad.scoring import read_labelled, score_images
 
 # Tiny convolutions gain nothing from threads on a shared 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from stad.metrics import PRO, ImageAUROC, PixelAUROC
-from stad.metrics.classes import thin_curve
+from stad.metrics.functional import thin_curve
 from stad.report import REPORT_NAME, write_report
 
 DATA_URI = "data:image/png;base64,"

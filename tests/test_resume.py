@@ -12,7 +12,8 @@ import torch
 from stad import resume
 from stad.core import StageModule
 from stad.results import RECORD_NAME, config_hash
-from stad.resume import ResumeError, rng_state, set_rng_state
+from stad.resume import ResumeError
+from stad.rng import rng_state, set_rng_state
 from stad.run import run
 from stad.sweep import FAILED_NAME, run_job
 

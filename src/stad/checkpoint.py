@@ -25,7 +25,7 @@ import stad
 from stad.backbones import weights_from_checkpoint
 from stad.core import Method
 from stad.errors import StadError
-from stad.results import write_atomic
+from stad.fileio import write_atomic
 
 CHECKPOINT_NAME = "model.safetensors"
 # Bumped whenever the layout of the file changes; a different format never loads.

@@ -17,13 +17,21 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from stad.distributed import example_key
 from stad.errors import StadError, TrainingError
-from stad.resume import rng_state, set_rng_state
+from stad.rng import rng_state, set_rng_state
 
 Batch = dict[str, Any]
 Features = list[Tensor]
 LossFn = Callable[["Method", Batch], dict[str, Tensor]]
+
+
+def example_key(score: float, label: int, index: int) -> tuple[float, int]:
+    """How much the report wants to show a test image (larger: more).
+
+    Normal images: the higher the score the more (false alarms first); defects: the lower the
+    more (misses first); on equal scores the earlier test image (smaller ``index``).
+    """
+    return (score if label == 0 else -score, -index)
 
 
 class Calibration:
@@ -361,7 +369,7 @@ class StageModule(L.LightningModule):
     def _keep_examples(self, batch: Batch, maps: Tensor, scores: Tensor, first: int = 0) -> None:
         """Keep the test images a reader most wants to see: the highest-scoring normal images
         (false alarms first) and the lowest-scoring defects (misses first), half of each, ties
-        to the earlier image (:func:`stad.distributed.example_key`). The processes of a DDP test
+        to the earlier image (:func:`example_key`). The processes of a DDP test
         merge theirs with :func:`stad.distributed.gather_examples`."""
         if self.keep_examples == 0:
             return

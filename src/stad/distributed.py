@@ -29,6 +29,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from stad.core import example_key
 from stad.errors import StadError
 
 
@@ -94,15 +95,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 # -- report examples ----------------------------------------------------------------------------
-def example_key(score: float, label: int, index: int) -> tuple[float, int]:
-    """How much the report wants to show a test image (larger: more).
-
-    Normal images: the higher the score the more (false alarms first); defects: the lower the
-    more (misses first); on equal scores the earlier test image (smaller ``index``).
-    """
-    return (score if label == 0 else -score, -index)
-
-
 def _key(example: dict[str, Any]) -> tuple[float, int]:
     return example_key(example["score"], example["label"], example["index"])
 

@@ -29,12 +29,8 @@ import torch
 from torch import Tensor, nn
 
 import stad
-from stad.errors import StadError
-from stad.predict import (
+from stad.cli import (
     Option,
-    check_image_inputs,
-    iter_scored,
-    list_inputs,
     optional_path,
     parse_bool,
     parse_choice,
@@ -43,7 +39,9 @@ from stad.predict import (
     resolve_device,
     usage,
 )
-from stad.results import write_atomic
+from stad.errors import StadError
+from stad.fileio import write_atomic
+from stad.scoring import check_image_inputs, iter_scored, list_inputs
 
 if TYPE_CHECKING:
     from stad.checkpoint import LoadedRun

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stad.errors import StadError
+from stad.fileio import write_atomic
 from stad.results import (
     FAILED_NAME,
     RECORD_KEYS,
@@ -33,7 +34,6 @@ from stad.results import (
     UNHASHED_KEYS,
     config_hash,
     read_record,
-    write_atomic,
 )
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting

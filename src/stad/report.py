@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from stad.metrics.classes import thin_curve
-from stad.results import write_atomic
+from stad.fileio import write_atomic
+from stad.metrics.functional import thin_curve
 from stad.viz import overlay
 
 REPORT_NAME = "report.html"

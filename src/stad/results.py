@@ -1,20 +1,20 @@
-"""The per-run record: one JSON file per run, its schema, atomic writing and reading."""
+"""The per-run record: one JSON file per run, its schema, writing (atomic, stad.fileio) and
+reading."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from stad.errors import StadError
+from stad.fileio import write_json_atomic
 
 RECORD_NAME = "record.json"
 # Written instead of a record by a sweep job that failed (the leaderboard lists it apart).
@@ -61,46 +61,6 @@ UNHASHED_KEYS = (
     "trainer.eval_batch_size",
 )
 INDEX_DIR = "index"
-
-
-def write_atomic(path: Path, data: str | bytes | Callable[[Path], None]) -> Path:
-    """Write a file so that readers see the old file or the complete new one, never a part.
-
-    ``data`` is the content, or a function that writes the file at the temporary path it is
-    given (e.g. a serialiser); an exception leaves no temporary file behind. The file gets mode
-    0644 like any other (mkstemp's private 0600 would hide runs from a team's other users).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            if not callable(data):
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
-        if callable(data):
-            data(Path(tmp))
-            os.chmod(tmp, 0o644)  # the writer may have replaced the file with its own
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (:func:`write_atomic`)."""
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def write_record(run_dir: Path, record: Mapping[str, Any]) -> Path:

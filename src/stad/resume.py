@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
 from stad.distributed import is_rank_zero
 from stad.errors import StadError
-from stad.results import write_atomic
+from stad.fileio import write_atomic
+from stad.rng import rng_state
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
@@ -38,26 +37,6 @@ RUN_FILE = "run.json"
 
 class ResumeError(StadError):
     """A run directory cannot be resumed (or must be resumed, not overwritten)."""
-
-
-# -- the random state -------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """torch, numpy and Python random states in types ``torch.load(weights_only=True)`` reads."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": list(random.getstate()),
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
 
 
 # -- the run directory ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from stad.results import (
     package_versions,
     write_record,
 )
+from stad.rng import set_rng_state
 from stad.thresholds import (
     ThresholdCounts,
     fixed_threshold,
@@ -181,7 +182,7 @@ def check_threshold_config(cfg: DictConfig) -> None:
     if how == "fixed" and threshold.get("image") is None and threshold.get("pixel") is None:
         raise StadError("threshold.method=fixed needs threshold.image=<value> and/or .pixel=")
     if how == "f1":
-        from stad.predict import read_labelled
+        from stad.scoring import read_labelled
 
         if not threshold.get("labelled"):
             raise StadError("threshold.method=f1 needs threshold.labelled=<labelled folder>")
@@ -298,7 +299,7 @@ def _normal_scores(
 
 def _f1_thresholds(cfg: DictConfig, method: Method, threshold: Any) -> dict[str, Any]:
     """F1-optimal thresholds on the user's labelled folder (``threshold.labelled``)."""
-    from stad.predict import labelled_thresholds
+    from stad.thresholds import labelled_thresholds
 
     if not threshold.get("labelled"):
         raise StadError("threshold.method=f1 needs threshold.labelled=<folder of labelled images>")
@@ -457,7 +458,7 @@ def _fit_stage(
             "stage %s: finished in an earlier attempt, resumed from its checkpoint", stage.name
         )
         method.load_state_dict(done["state"], strict=False)
-        resume.set_rng_state(done["rng"])
+        set_rng_state(done["rng"])
         return StageReport(**done["report"])
     epochs = stage_epochs(cfg, stage)
     log.info("stage %s: %d epochs, training %s", stage.name, epochs, ", ".join(stage.trainable))
@@ -612,14 +613,8 @@ def _curves(metrics: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return curves
 
 
-def _image_scores(metric: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    with metric.sync_context():
-        return _cat(metric.preds).float().cpu(), _cat(metric.target).long().cpu()
-
-
-def _cat(state: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """A torchmetrics "cat" state: a list of tensors before syncing, one tensor after."""
-    return torch.cat(state) if isinstance(state, list) else state
+def _image_scores(metric: ImageAUROC) -> tuple[torch.Tensor, torch.Tensor]:
+    return metric.scores()
 
 
 def peak_memory_mb() -> dict[str, Any]:

@@ -8,14 +8,21 @@ value on a labelled set the user supplies, or ``fixed`` values. A threshold is a
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from stad.data.images import as_hw, load_mask
 from stad.errors import StadError
+from stad.scoring import iter_scored, list_inputs, read_labelled
+
+if TYPE_CHECKING:
+    from stad.core import Method
 
 # Quantile of normal pixels: at most this many pixel values are kept per image when the
 # pixel threshold is fitted (a uniform subsample keeps memory bounded on large sets).
@@ -174,4 +181,99 @@ def decisions_right(scores: Tensor, labels: Tensor, threshold: float) -> dict[st
         "normal_total": int((~y).sum()),
         "anomalous_right": int((pred & y).sum()),
         "anomalous_total": int(y.sum()),
+    }
+
+
+# -- thresholds on folders of images (stad.predict, and threshold.method=f1 of a run) --------
+# Default quantiles when a saved run's config has none (config.yaml's values).
+IMAGE_QUANTILE = 0.99
+PIXEL_QUANTILE = 0.999
+
+
+def _warn(message: str) -> None:
+    print(f"stad: warning: {message}", file=sys.stderr, flush=True)
+
+
+def labelled_thresholds(
+    method: Method,
+    folder: Path | str,
+    image_size: int,
+    device: str | torch.device | None = None,
+    masks: Path | str | None = "auto",
+    batch_size: int = 8,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """F1-optimal image (and, with masks, pixel) thresholds on a labelled folder.
+
+    The pixel threshold uses a fixed-size uniform sample of each image's pixels (the same
+    positions in map and mask; ``stad.thresholds.sample_pixels``).
+
+    Returns:
+        ``{"image": threshold, "pixel": threshold}`` (``pixel`` only when there are masks).
+    """
+    paths, labels, mask_paths = read_labelled(folder, masks)
+    size_hw = as_hw(image_size)
+    scores, targets, pixels, pixel_labels, skipped = [], [], [], [], []
+    for n, batch in enumerate(iter_scored(method, paths, image_size, batch_size, device, workers)):
+        skipped += batch.skipped
+        if not batch.indices:
+            continue
+        scores.append(batch.scores)
+        targets += [labels[i] for i in batch.indices]
+        if mask_paths is not None:
+            truth = torch.stack(
+                [
+                    _mask(paths[i], mask_paths[i], size_hw, s)
+                    for i, s in zip(batch.indices, batch.sizes, strict=True)
+                ]
+            )
+            pixels.append(sample_pixels(batch.maps, seed=n))
+            pixel_labels.append(sample_pixels(truth, seed=n))
+    for item in skipped:
+        _warn(f"labelled image skipped: {item.path}: {item.reason}")
+    if not scores:
+        raise StadError(f"no image of the labelled folder {folder} could be scored")
+    source = f"{len(targets)} labelled images in {folder}"
+    out = {"image": f1_threshold(torch.cat(scores), torch.tensor(targets), source)}
+    if mask_paths is not None:
+        out["pixel"] = f1_threshold(
+            torch.cat(pixels), torch.cat(pixel_labels) > 0, f"{source} (sampled pixels)"
+        )
+    return out
+
+
+def _mask(
+    image: Path, mask: Path | None, size_hw: tuple[int, int], size: tuple[int, int]
+) -> Tensor:
+    if mask is None:
+        return torch.zeros(1, *size_hw)
+    array, _ = load_mask(mask, size_hw, image, size)
+    return torch.from_numpy(array).to(torch.float32).unsqueeze(0)
+
+
+def normal_thresholds(
+    method: Method,
+    folder: Path,
+    image_size: int,
+    image_q: float,
+    pixel_q: float,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Quantile thresholds from the scores and sampled map pixels of a folder of normal images."""
+    paths, _ = list_inputs(str(folder))
+    scores, pixels = [], []
+    for n, batch in enumerate(iter_scored(method, paths, image_size, batch_size, device, workers)):
+        for item in batch.skipped:
+            _warn(f"normal image skipped: {item.path}: {item.reason}")
+        if batch.indices:
+            scores.append(batch.scores)
+            pixels.append(sample_pixels(batch.maps, seed=n))
+    if not scores:
+        raise StadError(f"no image of the normal folder {folder} could be scored")
+    source = f"{sum(len(s) for s in scores)} normal images in {folder}"
+    return {
+        "image": quantile_threshold(torch.cat(scores), image_q, source),
+        "pixel": quantile_threshold(torch.cat(pixels), pixel_q, f"{source} (sampled pixels)"),
     }

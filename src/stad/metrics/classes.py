@@ -30,7 +30,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from stad.errors import StadError
 from stad.metrics import functional as F
 
-__all__ = ["PRO", "ImageAUROC", "PixelAUROC", "thin_curve"]
+__all__ = ["PRO", "ImageAUROC", "PixelAUROC"]
 
 Mode = Literal["binned", "exact"]
 _MODES = ("binned", "exact")
@@ -226,119 +226,8 @@ def _version(tensor: Tensor) -> int | None:
 _SHARED_BINS = _SharedBins()
 
 
-# -- curves (for plots) -------------------------------------------------------------------------
-# The points are those of the official curve the areas integrate (module docstring of
-# stad.metrics.functional): (0, 0), then one point per distinct score (exact mode) or per
-# non-empty bin (binned mode) from the highest down, counting what scores at or above it. The
-# trapezoid area under them is therefore compute()'s value.
-Curve = tuple[Tensor, Tensor]
-
-
-def _empty_curve() -> Curve:
-    return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-
-
-def _as_curve(x: np.ndarray, y: np.ndarray) -> Curve:
-    return torch.from_numpy(np.ascontiguousarray(x, np.float64)), torch.from_numpy(
-        np.ascontiguousarray(y, np.float64)
-    )
-
-
 def _numpy(state: Tensor | list[Tensor], dtype: torch.dtype) -> np.ndarray:
     return _cat(state, dtype, torch.device("cpu")).cpu().numpy()
-
-
-def _points_from_scores(
-    normal: np.ndarray,
-    anomalous: np.ndarray,
-    weights: np.ndarray | None = None,
-    total: float | None = None,
-    lowest: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """FPR and the anomalous share at or above every distinct score, highest score first.
-
-    Args:
-        normal: (N,) normal scores. anomalous: (A,) anomalous scores.
-        weights: (A,) mass per anomalous score (PRO: 1 / region area); None counts each as 1.
-        total: the mass that makes y = 1 (PRO: the number of regions); default A.
-        lowest: skip thresholds below this score (they lie past the FPR limit).
-
-    Returns:
-        ``(fpr, y)``: float64 (K + 1,) each, starting at (0, 0).
-    """
-    normal_sorted = np.sort(normal)
-    order = np.argsort(anomalous, kind="stable")
-    anomalous_sorted = anomalous[order]
-    candidates = np.concatenate([normal, anomalous])
-    if lowest is not None:
-        candidates = candidates[candidates >= lowest]
-    thresholds = np.unique(candidates)[::-1]
-    fp = normal.size - np.searchsorted(normal_sorted, thresholds, side="left")
-    first = np.searchsorted(anomalous_sorted, thresholds, side="left")
-    if weights is None:
-        y = (anomalous.size - first) / float(anomalous.size if total is None else total)
-    else:
-        # Mass at or above each sorted position: a reversed cumulative sum, 0 past the end.
-        above = np.r_[np.cumsum(weights[order][::-1])[::-1], 0.0]
-        y = above[first] / float(total)
-    return np.r_[0.0, fp / normal.size], np.r_[0.0, y]
-
-
-def _points_from_histograms(
-    normal_hist: Tensor, mass_hist: Tensor, total: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """FPR and the anomalous share at or above every non-empty bin, highest bin first.
-
-    Args:
-        normal_hist: (num_bins,) normal counts. mass_hist: (num_bins,) anomalous mass per bin.
-        total: the mass that makes y = 1.
-
-    Returns:
-        ``(fpr, y)``: float64 (K + 1,) each, starting at (0, 0).
-    """
-    normal = normal_hist.detach().cpu().numpy()[::-1]
-    mass = mass_hist.detach().cpu().numpy()[::-1]
-    used = (normal != 0) | (mass != 0)
-    fp = np.cumsum(normal)[used]  # in the histogram's dtype: exact for int64 counts
-    y = np.cumsum(mass)[used] / float(total)
-    return np.r_[0.0, fp / float(normal.sum())], np.r_[0.0, y]
-
-
-def _cut_at(fpr: np.ndarray, y: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """The curve from FPR 0 to ``limit``, linearly interpolated at the limit (as the area is)."""
-    end = int(np.searchsorted(fpr, limit, side="right"))  # fpr[end - 1] <= limit < fpr[end]
-    if end == fpr.size or fpr[end - 1] == limit:
-        return fpr[:end], y[:end]
-    x0, x1, y0, y1 = fpr[end - 1], fpr[end], y[end - 1], y[end]
-    at_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-    return np.r_[fpr[:end], limit], np.r_[y[:end], at_limit]
-
-
-def thin_curve(x: Tensor, y: Tensor, max_points: int | None, x_range: float = 1.0) -> Curve:
-    """At most ``max_points`` points of a monotone curve, endpoints kept, for plotting.
-
-    Points are kept at even steps of the path length |dx| / x_range + |dy|, each with its
-    predecessor, so every step longer than one spacing survives exactly and the trapezoid area
-    divided by ``x_range`` moves by less than 2 / (max_points // 2 - 1).
-
-    Args:
-        x, y: (K,) nondecreasing coordinates.
-        max_points: the most points to return (at least 4); None keeps all.
-        x_range: the span of x the plot shows (PRO: its FPR limit).
-
-    Returns:
-        ``(x, y)``, float64 (≤ max_points,).
-    """
-    if max_points is None or x.numel() <= max_points:
-        return x, y
-    if max_points < 4:
-        raise StadError(f"thin_curve needs max_points >= 4, got {max_points}")
-    xs, ys = x.double().numpy(), y.double().numpy()
-    path = xs / x_range + ys
-    targets = np.linspace(path[0], path[-1], max_points // 2)[1:-1]
-    hits = np.searchsorted(path, targets, side="left")
-    keep = np.unique(np.r_[0, hits - 1, hits, xs.size - 1].clip(0, xs.size - 1))
-    return _as_curve(xs[keep], ys[keep])
 
 
 class _AnomalyMetric(Metric):
@@ -447,6 +336,15 @@ class ImageAUROC(_AnomalyMetric):
         self._bound = torch.zeros((), dtype=torch.float64, device=value.device)
         return value
 
+    def scores(self) -> tuple[Tensor, Tensor]:
+        """Every image score and label seen so far, over all processes (gathered like
+        :meth:`compute`): ``(scores float32 (N,), labels int64 (N,))`` on the CPU, in update
+        order per process."""
+        with self.sync_context():
+            preds = _cat(self.preds, torch.float32, self.device)
+            target = _cat(self.target, torch.bool, self.device)
+        return preds.float().cpu(), target.long().cpu()
+
     def curve(self, max_points: int | None = None) -> tuple[Tensor, Tensor]:
         """The exact ROC curve whose area :meth:`compute` returns.
 
@@ -464,9 +362,9 @@ class ImageAUROC(_AnomalyMetric):
             scores = _numpy(self.preds, torch.float32)
             labels = _numpy(self.target, torch.bool).astype(bool)
         if labels.all() or not labels.any():
-            return _empty_curve()
-        fpr, tpr = _points_from_scores(scores[~labels], scores[labels])
-        return thin_curve(*_as_curve(fpr, tpr), max_points)
+            return F.empty_curve()
+        fpr, tpr = F.curve_from_scores(scores[~labels], scores[labels])
+        return F.thin_curve(*F.as_curve(fpr, tpr), max_points)
 
 
 class _PixelMetric(_AnomalyMetric):
@@ -585,17 +483,17 @@ class PixelAUROC(_PixelMetric):
             if self.mode == "binned":
                 positives = float(self.positive_hist.sum())
                 if positives == 0 or int(self.negative_hist.sum()) == 0:
-                    return _empty_curve()
-                fpr, tpr = _points_from_histograms(
+                    return F.empty_curve()
+                fpr, tpr = F.curve_from_histograms(
                     self.negative_hist, self.positive_hist, positives
                 )
             else:
                 normal = _numpy(self.normal_scores, torch.float32)
                 anomalous = _numpy(self.anomalous_scores, torch.float32)
                 if normal.size == 0 or anomalous.size == 0:
-                    return _empty_curve()
-                fpr, tpr = _points_from_scores(normal, anomalous)
-        return thin_curve(*_as_curve(fpr, tpr), max_points)
+                    return F.empty_curve()
+                fpr, tpr = F.curve_from_scores(normal, anomalous)
+        return F.thin_curve(*F.as_curve(fpr, tpr), max_points)
 
 
 class PRO(_PixelMetric):
@@ -713,24 +611,24 @@ class PRO(_PixelMetric):
             num_regions = int(self.num_regions)
             if self.mode == "binned":
                 if num_regions == 0 or int(self.normal_hist.sum()) == 0:
-                    return _empty_curve()
-                fpr, pro = _points_from_histograms(
+                    return F.empty_curve()
+                fpr, pro = F.curve_from_histograms(
                     self.normal_hist, self.region_weight_hist, num_regions
                 )
             else:
                 normal = _numpy(self.normal_scores, torch.float32)
                 if num_regions == 0 or normal.size == 0:
-                    return _empty_curve()
+                    return F.empty_curve()
                 # Scores below the (n + 1)-th highest normal one lie past the limit (n = limit
                 # share of the normal pixels); that one is the first point beyond it.
                 rank = min(normal.size - 1, int(self.fpr_limit * normal.size))
                 lowest = np.partition(normal, normal.size - 1 - rank)[normal.size - 1 - rank]
-                fpr, pro = _points_from_scores(
+                fpr, pro = F.curve_from_scores(
                     normal,
                     _numpy(self.anomalous_scores, torch.float32),
                     _numpy(self.anomalous_weights, torch.float64),
                     num_regions,
                     lowest,
                 )
-        fpr, pro = _cut_at(fpr, pro, self.fpr_limit)
-        return thin_curve(*_as_curve(fpr, pro), max_points, x_range=self.fpr_limit)
+        fpr, pro = F.cut_curve_at(fpr, pro, self.fpr_limit)
+        return F.thin_curve(*F.as_curve(fpr, pro), max_points, x_range=self.fpr_limit)

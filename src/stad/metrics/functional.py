@@ -50,6 +50,9 @@ __all__ = [
     "binary_auroc",
     "check_fpr_limit",
     "check_num_bits",
+    "curve_from_histograms",
+    "curve_from_scores",
+    "cut_curve_at",
     "histogram_has_nan",
     "label_regions",
     "monotone_key",
@@ -58,6 +61,7 @@ __all__ = [
     "pro_from_scores",
     "score_bins",
     "sort_scores",
+    "thin_curve",
 ]
 
 #: 20 bits: 2**20 bins, 2048 bins per octave (relative bin width 2**-11 ~ 4.9e-4), 8 MiB per
@@ -524,3 +528,114 @@ def au_pro(anomaly_maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> Tenso
     return pro_from_scores(
         anomaly_maps[~masks], anomaly_maps[masks], weights, num_regions, fpr_limit
     )
+
+
+# -- curves (for plots) -------------------------------------------------------------------------
+# The points are those of the official curve the areas integrate (module docstring of
+# stad.metrics.functional): (0, 0), then one point per distinct score (exact mode) or per
+# non-empty bin (binned mode) from the highest down, counting what scores at or above it. The
+# trapezoid area under them is therefore compute()'s value.
+Curve = tuple[Tensor, Tensor]
+
+
+def empty_curve() -> Curve:
+    return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+
+
+def as_curve(x: np.ndarray, y: np.ndarray) -> Curve:
+    return torch.from_numpy(np.ascontiguousarray(x, np.float64)), torch.from_numpy(
+        np.ascontiguousarray(y, np.float64)
+    )
+
+
+def curve_from_scores(
+    normal: np.ndarray,
+    anomalous: np.ndarray,
+    weights: np.ndarray | None = None,
+    total: float | None = None,
+    lowest: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FPR and the anomalous share at or above every distinct score, highest score first.
+
+    Args:
+        normal: (N,) normal scores. anomalous: (A,) anomalous scores.
+        weights: (A,) mass per anomalous score (PRO: 1 / region area); None counts each as 1.
+        total: the mass that makes y = 1 (PRO: the number of regions); default A.
+        lowest: skip thresholds below this score (they lie past the FPR limit).
+
+    Returns:
+        ``(fpr, y)``: float64 (K + 1,) each, starting at (0, 0).
+    """
+    normal_sorted = np.sort(normal)
+    order = np.argsort(anomalous, kind="stable")
+    anomalous_sorted = anomalous[order]
+    candidates = np.concatenate([normal, anomalous])
+    if lowest is not None:
+        candidates = candidates[candidates >= lowest]
+    thresholds = np.unique(candidates)[::-1]
+    fp = normal.size - np.searchsorted(normal_sorted, thresholds, side="left")
+    first = np.searchsorted(anomalous_sorted, thresholds, side="left")
+    if weights is None:
+        y = (anomalous.size - first) / float(anomalous.size if total is None else total)
+    else:
+        # Mass at or above each sorted position: a reversed cumulative sum, 0 past the end.
+        above = np.r_[np.cumsum(weights[order][::-1])[::-1], 0.0]
+        y = above[first] / float(total)
+    return np.r_[0.0, fp / normal.size], np.r_[0.0, y]
+
+
+def curve_from_histograms(
+    normal_hist: Tensor, mass_hist: Tensor, total: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """FPR and the anomalous share at or above every non-empty bin, highest bin first.
+
+    Args:
+        normal_hist: (num_bins,) normal counts. mass_hist: (num_bins,) anomalous mass per bin.
+        total: the mass that makes y = 1.
+
+    Returns:
+        ``(fpr, y)``: float64 (K + 1,) each, starting at (0, 0).
+    """
+    normal = normal_hist.detach().cpu().numpy()[::-1]
+    mass = mass_hist.detach().cpu().numpy()[::-1]
+    used = (normal != 0) | (mass != 0)
+    fp = np.cumsum(normal)[used]  # in the histogram's dtype: exact for int64 counts
+    y = np.cumsum(mass)[used] / float(total)
+    return np.r_[0.0, fp / float(normal.sum())], np.r_[0.0, y]
+
+
+def cut_curve_at(fpr: np.ndarray, y: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The curve from FPR 0 to ``limit``, linearly interpolated at the limit (as the area is)."""
+    end = int(np.searchsorted(fpr, limit, side="right"))  # fpr[end - 1] <= limit < fpr[end]
+    if end == fpr.size or fpr[end - 1] == limit:
+        return fpr[:end], y[:end]
+    x0, x1, y0, y1 = fpr[end - 1], fpr[end], y[end - 1], y[end]
+    at_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+    return np.r_[fpr[:end], limit], np.r_[y[:end], at_limit]
+
+
+def thin_curve(x: Tensor, y: Tensor, max_points: int | None, x_range: float = 1.0) -> Curve:
+    """At most ``max_points`` points of a monotone curve, endpoints kept, for plotting.
+
+    Points are kept at even steps of the path length |dx| / x_range + |dy|, each with its
+    predecessor, so every step longer than one spacing survives exactly and the trapezoid area
+    divided by ``x_range`` moves by less than 2 / (max_points // 2 - 1).
+
+    Args:
+        x, y: (K,) nondecreasing coordinates.
+        max_points: the most points to return (at least 4); None keeps all.
+        x_range: the span of x the plot shows (PRO: its FPR limit).
+
+    Returns:
+        ``(x, y)``, float64 (≤ max_points,).
+    """
+    if max_points is None or x.numel() <= max_points:
+        return x, y
+    if max_points < 4:
+        raise StadError(f"thin_curve needs max_points >= 4, got {max_points}")
+    xs, ys = x.double().numpy(), y.double().numpy()
+    path = xs / x_range + ys
+    targets = np.linspace(path[0], path[-1], max_points // 2)[1:-1]
+    hits = np.searchsorted(path, targets, side="left")
+    keep = np.unique(np.r_[0, hits - 1, hits, xs.size - 1].clip(0, xs.size - 1))
+    return as_curve(xs[keep], ys[keep])

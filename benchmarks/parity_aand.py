@@ -54,10 +54,10 @@ from omegaconf import OmegaConf
 from scipy.ndimage import gaussian_filter
 from torch import Tensor, nn
 
-from stad.data.synthesis import Synthesis
 from stad.methods import aand
 from stad.methods.aand import TeacherOnlyScorer, level_mask, positional_encoding
 from stad.methods.common import resize
+from stad.synthesis import Synthesis
 
 Report = op.Report
 

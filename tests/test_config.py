@@ -54,3 +54,25 @@ def test_auto_backbone_is_the_paper_backbone_on_real_data_and_offline_on_the_dem
     assert demo.backbone.name == "tf_efficientnet_lite0" and demo.backbone.weights == "package"
     assert compose_config(["dataset=mvtec", "method=ast"]).method.input == "rgb"
     assert compose_config(["+experiment=ast_mvtec3d_depth"]).method.input == "depth"
+
+
+@pytest.mark.parametrize(
+    ("preset", "val_fraction"),
+    [("rd_mvtec", 0.0), ("stfpm_mvtec", 0.0), ("dskd_mvtec", 0.0), ("ast_mvtec", 0.0)]
+    + [(f"ast_mvtec3d_{mode}", 0.1) for mode in ("rgb", "depth", "rgbd")],
+)
+def test_paper_presets_compose_their_shared_bases(preset, val_fraction):
+    # _paper / _reproducible / _ast_mvtec3d hold what the presets share (conf/experiment).
+    cfg = compose_config([f"+experiment={preset}"])
+    assert cfg.trainer.deterministic == "warn"
+    assert cfg.threshold.val_fraction == val_fraction
+    if preset.startswith("ast_mvtec3d_"):
+        assert cfg.dataset.input == preset.rsplit("_", 1)[1] and cfg.method.flow.hidden == 64
+        assert cfg.method.stages.teacher.epochs == cfg.method.stages.student.epochs == 72
+
+
+def test_the_pro_limit_comes_from_the_config():
+    from stad.run import _metrics
+
+    assert _metrics(compose_config([]), None)["pro"].fpr_limit == 0.3
+    assert _metrics(compose_config(["metrics.pro_fpr_limit=0.05"]), None)["pro"].fpr_limit == 0.05

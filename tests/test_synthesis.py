@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from stad.data.synthesis import (
+from stad.errors import DatasetError, StadError
+from stad.synthesis import (
     AnomalySynthesizer,
     BatchTextures,
     ForegroundRule,
@@ -20,7 +21,6 @@ from stad.data.synthesis import (
     perlin_noise,
     texture_source,
 )
-from stad.errors import DatasetError, StadError
 
 
 def _images(n: int = 12, size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -518,7 +518,7 @@ def _validate(
         int(validation.seed),
     )
     log.info("validation on %d held-out images + synthetic anomalies", len(dataset) // 2)
-    module = StageModule(method, metrics=_metrics(None), channels_last=channels_last)
+    module = StageModule(method, metrics=_metrics(cfg, None), channels_last=channels_last)
     loader = datamodule.sharded_loader(dataset)  # each image on one process under DDP
     _trainer(cfg, run_dir, 1, "validation").test(module, loader, verbose=False)
     values: dict[str, Any] = {}
@@ -527,11 +527,13 @@ def _validate(
     return {**values, "n_images": len(dataset), "synthesis": dataset.description}
 
 
-def _metrics(splits: DatasetSplits | None) -> dict[str, Any]:
+def _metrics(cfg: DictConfig, splits: DatasetSplits | None) -> dict[str, Any]:
+    # PRO's FPR limit: 0.3 in Bergmann et al. and every peer benchmark (config.yaml).
+    limit = float(OmegaConf.select(cfg, "metrics.pro_fpr_limit", default=0.3))
     common = {
         "image_auroc": ImageAUROC(),
         "pixel_auroc": PixelAUROC(),
-        "pro": PRO(fpr_limit=0.3),
+        "pro": PRO(fpr_limit=limit),
     }
     own = splits.metrics if splits is not None else {}
     return {**common, **{name: factory() for name, factory in own.items()}}
@@ -572,7 +574,7 @@ def _test(
     )
     module = StageModule(
         method,
-        metrics={**_metrics(splits), COUNTS: counts},
+        metrics={**_metrics(cfg, splits), COUNTS: counts},
         keep_examples=int(cfg.examples),
         channels_last=channels_last,
     )

@@ -1,5 +1,5 @@
 """A labelled validation set without test images: held-out normal training images, plus the same
-images with synthetic anomalies (``stad.data.synthesis``) and their exact masks.
+images with synthetic anomalies (``stad.synthesis``) and their exact masks.
 
 It lets a sweep choose hyper-parameters by AUROC / PRO while the test set stays untouched.
 """
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stad.data.synthesis import build_synthesizer
 from stad.errors import StadError
+from stad.synthesis import build_synthesizer
 
 # Every corrupted copy must hold a defect, however small the held-out set.
 _ALWAYS_ANOMALOUS = {"clean_probability": 0.0}
@@ -25,7 +25,7 @@ class SyntheticAnomalySet(Dataset):
 
     Args:
         normal: Normal images only (batch dicts of the contract), e.g. the held-out split.
-        synthesis: A ``synthesis`` config block (see ``stad.data.synthesis.build_synthesizer``).
+        synthesis: A ``synthesis`` config block (see ``stad.synthesis.build_synthesizer``).
         image_size: Side of the images (for folder textures).
         category: The dataset category (picks the foreground rule).
         seed: Seed of the synthesis: the same seed gives the same set.

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from stad.backbones import FeatureExtractor, initialise
 from stad.core import Batch, Features, Method, Scorer, Stage, Student, Teacher
-from stad.data.synthesis import AnomalySynthesizer, build_synthesizer
 from stad.errors import IncompatibleError, StadError
 from stad.methods.common import (
     GaussianBlur,
@@ -42,6 +41,7 @@ from stad.methods.common import (
 )
 from stad.methods.decoders import SummedLevelScorer, resnet_layout
 from stad.methods.rd import flat_cosine_loss, reverse_student
+from stad.synthesis import AnomalySynthesizer, build_synthesizer
 
 
 # -- teacher ----------------------------------------------------------------------------------

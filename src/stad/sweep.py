@@ -23,7 +23,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from stad.distributed import is_rank_zero
 from stad.errors import IncompatibleError, StadError
 from stad.results import (
     FAILED_NAME,
@@ -81,6 +80,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         if multirun:
             write_json_atomic(run_dir / FAILED_NAME, failure_record(cfg, key, err))
         raise
+    from stad.distributed import is_rank_zero  # torch and Lightning: only once a job has run
+
     if is_rank_zero():
         register_run(cfg.output_root, key, run_dir)
     if cfg.get("objective"):

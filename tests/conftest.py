@@ -97,6 +97,18 @@ SMALL_US = [
     "method.teacher.batch_size=4",
 ]
 
+# Every registered method, made small: the registry-driven tests (checkpoint round trip, export)
+# take their method list from stad.methods.METHODS and their settings from here, so a method
+# added to the registry without an entry fails them (tests/test_config.py checks the coverage).
+TINY_METHODS: dict[str, list[str]] = {
+    "stfpm": ["method=stfpm"],
+    "rd": ["method=rd"],
+    "dskd": ["method=dskd"],
+    "aand": ["method=aand"],
+    "ast": ["method=ast", "method.input=rgb", "method.flow.hidden=16", "method.student.hidden=16"],
+    "us": ["method=us", *SMALL_US, "method.students.count=2"],
+}
+
 
 # -- a finished tiny run (predict and export tests) ---------------------------------------------
 @dataclass

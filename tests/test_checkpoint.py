@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_US, compose_config, random_batch
+from conftest import TINY_METHODS, compose_config, random_batch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -20,15 +20,12 @@ from stad.checkpoint import (
     load_run,
     save_checkpoint,
 )
-from stad.methods import build_method
-
-METHODS = ["stfpm", "rd", "dskd", "ast", "aand", "us"]
+from stad.methods import METHODS, build_method
 
 
 def _small(method: str, tmp_path) -> list[str]:
     return [
-        *(SMALL_US if method == "us" else []),
-        f"method={method}",
+        *TINY_METHODS[method],
         "backbone=tf_efficientnet_lite0",
         "backbone.weights=random",
         "trainer=smoke",
@@ -50,7 +47,7 @@ def built(tmp_path):
     return make
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_reloads_offline_with_identical_outputs(method, built, tmp_path):
     cfg, original = built(method)
     thresholds = {"image": {"value": 0.5, "method": "fixed", "source": "test"}}

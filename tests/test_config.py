@@ -76,3 +76,12 @@ def test_the_pro_limit_comes_from_the_config():
 
     assert _metrics(compose_config([]), None)["pro"].fpr_limit == 0.3
     assert _metrics(compose_config(["metrics.pro_fpr_limit=0.05"]), None)["pro"].fpr_limit == 0.05
+
+
+def test_every_registered_method_has_tiny_test_settings():
+    # The registry-driven tests (checkpoint round trip, export) read conftest.TINY_METHODS.
+    from conftest import TINY_METHODS
+
+    assert set(TINY_METHODS) == set(METHODS), "add the new method to conftest.TINY_METHODS"
+    for name, overrides in TINY_METHODS.items():
+        assert compose_config(overrides).method.name == name

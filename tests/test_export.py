@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, random_batch
+from conftest import TINY_METHODS, compose_config, random_batch
 
 from stad.backbones import weights_from_checkpoint
 from stad.checkpoint import load_run, save_checkpoint
@@ -26,7 +26,7 @@ from stad.export import (
     main,
     trace,
 )
-from stad.methods import build_method
+from stad.methods import METHODS, build_method
 
 TOLERANCE = 1e-4
 
@@ -140,31 +140,15 @@ def test_the_command_line_refuses_to_overwrite_an_export(trained, tmp_path):
 
 # -- every method traces ----------------------------------------------------------------------
 RANDOM_RESNET = ["backbone=resnet18", "backbone.weights=random"]
-METHODS = {
-    "stfpm": RANDOM_RESNET,
-    "rd": ["method=rd", *RANDOM_RESNET],
-    "dskd": ["method=dskd", *RANDOM_RESNET],
-    "aand": ["method=aand", *RANDOM_RESNET],
-    "ast": [
-        "method=ast",
-        "method.input=rgb",
-        "backbone=tf_efficientnet_lite0",
-        "method.flow.hidden=16",
-        "method.student.hidden=16",
-    ],
-    "us": [
-        "method=us",
-        "method.width=0.0625",
-        "method.descriptor_dim=16",
-        "method.scales=[17]",
-        "method.students.count=2",
-    ],
-}
+# The backbone each method traces with (conftest.TINY_METHODS makes the method small); US's
+# patch networks need none, AST takes the offline EfficientNet-Lite.
+BACKBONES = {"ast": ["backbone=tf_efficientnet_lite0"], "us": []}
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_methods_inference_graph_traces_and_matches_eager_mode(name):
-    cfg = compose_config(["image_size=64", *METHODS[name]])
+    backbone = BACKBONES.get(name, RANDOM_RESNET)
+    cfg = compose_config(["image_size=64", *TINY_METHODS[name], *backbone])
     torch.manual_seed(0)
     with weights_from_checkpoint():  # random weights everywhere, no pretraining or download
         method = build_method(cfg.method, cfg.backbone).eval()

@@ -528,14 +528,16 @@ def _official_grads(
     key_map: Callable[[str], str | None],
     strip: str = "student.",
 ) -> list[Tensor]:
-    """The official gradients in the order of stad's parameters (through the key map)."""
+    """The official gradients in the order of stad's parameters (through the key map; stad's
+    keys are ``strip`` + the parameter's name in ``student``); a missing one is NaN, so it
+    fails the comparison."""
     by_stad_key: dict[str, Tensor] = {}
     for prefix, module in official.items():
         for key, p in module.named_parameters():
             mapped = key_map(f"{prefix}.{key}")
             if mapped is not None and p.grad is not None:
                 by_stad_key[mapped] = p.grad.reshape(-1)
-    order = [f"student.{name}" for name, _ in student.named_parameters()]
+    order = [f"{strip}{name}" for name, _ in student.named_parameters()]
     return [by_stad_key.get(k, torch.full((1,), float("nan"))) for k in order]
 
 

@@ -253,17 +253,11 @@ def _grads_in_stad_order(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Both sides' gradients, in the order of ``ours``'s parameters (named ``stad_prefix`` +
     name in stad's state dict); a missing gradient is NaN on the official side so it fails."""
-    by_key: dict[str, Tensor] = {}
-    for prefix, module in official.items():
-        for key, p in module.named_parameters():
-            mapped = key_map(f"{prefix}.{key}")
-            if mapped is not None and p.grad is not None:
-                by_key[mapped] = p.grad.reshape(-1)
-    mine, theirs = [], []
-    for name, p in ours.named_parameters():
-        mine.append(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()))
-        theirs.append(by_key.get(stad_prefix + name, torch.full((1,), float("nan"))))
-    return mine, theirs
+    mine = [
+        p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+        for p in ours.parameters()
+    ]
+    return mine, op._official_grads(ours, official, key_map, strip=stad_prefix)
 
 
 # -- the official steps (re-stated from train_teacher.py, train_student.py, eval.py) ----------

@@ -173,8 +173,8 @@ def test_masked_loss_ignores_background_positions():
 
     method = SimpleNamespace(teacher=FakeTeacher(), student=lambda batch, targets: [batch["pred"]])
 
-    def loss(p):
-        return student_loss(method, {"pred": p})["loss"]
+    def loss(p):  # the paper's foreground average (the code's "all" divides by every position)
+        return student_loss(method, {"pred": p}, average="foreground")["loss"]
 
     changed = pred.clone()
     changed[..., 3, 3] += 100.0  # background
@@ -184,7 +184,7 @@ def test_masked_loss_ignores_background_positions():
     expected = (z - pred).pow(2).mean(1)[..., :2, :2].mean()
     assert torch.allclose(loss(pred), expected)
     values = torch.rand(2, 4, 4)
-    assert torch.allclose(masked_mean(values, weight, "all"), (values * weight[:, 0]).mean())
+    assert torch.allclose(masked_mean(values, weight), (values * weight[:, 0]).mean())  # code
     assert torch.allclose(masked_mean(values, None), values.mean())
 
 

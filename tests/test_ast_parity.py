@@ -245,6 +245,7 @@ def test_rgb_input_ignores_the_foreground_in_loss_and_map(tiny_config):
 def test_ast_config_defaults_are_the_official_behaviour():
     m = compose_config(["method=ast", "dataset=mvtec"]).method
     assert m.static_padding_size == 456 and m.foreground_mask == "auto"
+    assert m.loss_average == "all"  # utils.py: torch.mean of mask·loss over the whole grid
     sc = m.scorer
     switches = (sc.upsample, sc.upsample_factor, sc.score_source, sc.map_source, sc.mask)
     assert switches == ("bicubic", 8, "eval", "loss", True)

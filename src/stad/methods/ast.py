@@ -195,7 +195,7 @@ def binary_dilation(mask: Tensor, size: int) -> Tensor:
     return F.max_pool2d(F.pad(mask, (lo, hi, lo, hi)), kernel_size=size, stride=1)
 
 
-def masked_mean(values: Tensor, weight: Tensor | None, average: str = "foreground") -> Tensor:
+def masked_mean(values: Tensor, weight: Tensor | None, average: str = "all") -> Tensor:
     """Mean of per-position values B×h×w weighted by a B×1×h×w foreground weight.
 
     ``foreground`` (paper): Σ w·v / Σ w; ``all`` (code): mean of w·v over all positions.
@@ -444,9 +444,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # -- losses -----------------------------------------------------------------------------------
-def teacher_nll_loss(
-    method: Method, batch: Batch, average: str = "foreground"
-) -> dict[str, Tensor]:
+def teacher_nll_loss(method: Method, batch: Batch, average: str = "all") -> dict[str, Tensor]:
     """Stage 1: mean per-position NLL of the flow (foreground-weighted when masked)."""
     teacher: FlowTeacher = method.teacher  # type: ignore[assignment]
     with torch.no_grad():
@@ -456,7 +454,7 @@ def teacher_nll_loss(
     return {"loss": masked_mean(nll, teacher.foreground(batch), average)}
 
 
-def student_loss(method: Method, batch: Batch, average: str = "foreground") -> dict[str, Tensor]:
+def student_loss(method: Method, batch: Batch, average: str = "all") -> dict[str, Tensor]:
     """Stage 2: mean per-position ||z − ẑ||²/C (foreground-weighted when masked)."""
     teacher: FlowTeacher = method.teacher  # type: ignore[assignment]
     targets = teacher(batch)

@@ -110,6 +110,23 @@ TINY_METHODS: dict[str, list[str]] = {
 }
 
 
+def tiny_method_config(method: str, cache: Path) -> DictConfig:
+    """A registered method at its TINY_METHODS settings, 64 px, random EfficientNet-Lite weights
+    (offline), any pretraining cached under ``cache``."""
+    return compose_config(
+        [
+            *TINY_METHODS[method],
+            "backbone=tf_efficientnet_lite0",
+            "backbone.weights=random",
+            "trainer=smoke",
+            "image_size=64",
+            f"decode_cache={cache}/decoded",
+            # US's teachers (the only method with a pretraining step today) cache here.
+            *([f"method.teacher.cache_dir={cache}/teachers"] if method == "us" else []),
+        ]
+    )
+
+
 # -- a finished tiny run (predict and export tests) ---------------------------------------------
 @dataclass
 class TrainedRun:

@@ -342,6 +342,16 @@ def test_a_missing_texture_folder_stops_the_build_with_the_path(tiny_config, tmp
         build_method(cfg.method, cfg.backbone)
 
 
+@pytest.mark.parametrize(("dataset", "count"), [("mvtec", 15), ("visa", 12), ("mvtec3d", 10)])
+def test_every_category_of_the_papers_datasets_has_its_foreground_rule(dataset, count):
+    # The official per-category rules live with the datasets (dataset.foreground_rules).
+    cfg = compose_config([f"dataset={dataset}", "method=aand"])
+    rules = cfg.method.synthesis.foreground.rules
+    assert set(rules) == set(cfg.dataset.categories) and len(rules) == count
+    other = compose_config(["dataset=synthetic", "method=aand"]).method.synthesis.foreground
+    assert other.rules is None and other.default.kind == "all"
+
+
 def test_config_composes_the_papers_defaults():
     cfg = compose_config(["dataset=mvtec", "method=aand"])
     m = cfg.method

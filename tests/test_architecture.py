@@ -91,17 +91,23 @@ def test_thresholds_live_in_one_module():
     assert "def labelled_thresholds" not in text and "def normal_thresholds" not in text
 
 
-# Known departures still to fix (docs/architecture.md): US's teacher pretraining reads the
-# training images through stad.data.
-_METHODS_READING_DATA = {"stad.methods.us_pretrain"}
-
-
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("stad.methods")))
 def test_methods_import_neither_data_nor_metrics(module):
+    # A method's data needs (training files for pretraining, auxiliary streams) come through
+    # the contract (core.PretrainData, core.Stream), provided by the runner.
     below = {d for d in GRAPH[module] if d.startswith(("stad.data", "stad.metrics"))}
-    if module in _METHODS_READING_DATA:
-        below = {d for d in below if not d.startswith("stad.data")}
     assert not below, f"{module} imports {sorted(below)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("stad.data")))
+def test_readers_import_no_metric(module):
+    # LOCO's defect configuration is data (stad.defects) that the sPRO metric receives.
+    assert not {d for d in GRAPH[module] if d.startswith("stad.metrics")}, module
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("stad.metrics")))
+def test_metrics_import_no_reader(module):
+    assert not {d for d in GRAPH[module] if d.startswith("stad.data")}, module
 
 
 def test_help_and_cfg_import_neither_torch_nor_lightning_nor_timm(tmp_path):

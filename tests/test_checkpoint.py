@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_METHODS, compose_config, random_batch
+from conftest import random_batch, tiny_method_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -23,24 +23,12 @@ from stad.checkpoint import (
 from stad.methods import METHODS, build_method
 
 
-def _small(method: str, tmp_path) -> list[str]:
-    return [
-        *TINY_METHODS[method],
-        "backbone=tf_efficientnet_lite0",
-        "backbone.weights=random",
-        "trainer=smoke",
-        "image_size=64",
-        f"decode_cache={tmp_path}/decoded",
-        *([f"method.teacher.cache_dir={tmp_path}/teachers"] if method == "us" else []),
-    ]
-
-
 @pytest.fixture
 def built(tmp_path):
     """A small method with random weights (US pretrains for two steps into tmp_path)."""
 
     def make(method: str):
-        cfg = compose_config(_small(method, tmp_path))
+        cfg = tiny_method_config(method, tmp_path)
         torch.manual_seed(0)
         return cfg, build_method(cfg.method, cfg.backbone).eval()
 

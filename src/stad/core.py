@@ -6,10 +6,12 @@ A method file only declares its parts; it never writes a training loop.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -35,12 +37,27 @@ def example_key(score: float, label: int, index: int) -> tuple[float, int]:
 
 
 class Calibration:
-    """Statistics a method fits on normal validation images after training (e.g. the mean and
-    spread of its scores, to standardise them); never on test images.
+    """Statistics a method fits on normal images without learning (e.g. the mean and spread of
+    its scores, to standardise them, or of its teacher's features, to normalise the targets);
+    never on test images.
 
-    ``run`` calls :meth:`reset`, then :meth:`update` for every validation batch (no gradients,
-    every module in eval mode), then :meth:`finish`.
+    Two places: :attr:`Method.calibration` runs after the last stage on the normal validation
+    images; a Calibration listed in :attr:`Method.stages` runs at its position (before the
+    stages that follow it) on the images :attr:`data` names. The runner calls :meth:`reset`,
+    then :meth:`update` for every batch (no gradients, every module in eval mode), then
+    :meth:`finish`.
+
+    Attributes:
+        name: short name, used in logs, in the run record and by resume.
+        data: ``"val"`` (held-out normal images) or ``"train"`` (the training images, in the
+            training loader's order and batch size).
+        fits: attribute paths of the Method whose state (buffers) :meth:`finish` sets; a
+            resumed run restores them instead of fitting again.
     """
+
+    name: str = "calibration"
+    data: str = "val"
+    fits: tuple[str, ...] = ()
 
     def reset(self, method: Method) -> None:
         """Forget what earlier calls accumulated."""
@@ -52,6 +69,62 @@ class Calibration:
     def finish(self, method: Method) -> None:
         """Turn what was accumulated into the method's state (buffers of its scorer, ...)."""
         raise NotImplementedError
+
+
+CALIBRATION_DATA = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An auxiliary data stream a stage trains on beside its main loader (e.g. EfficientAD's
+    ImageNet images for its penalty term, or synthetic anomalies of the training images).
+
+    The method only describes the data; the runner builds it from :attr:`source` (a mapping
+    the data package reads, ``stad.data.streams``) and hands the stage's loss one batch per
+    training step as ``batch["streams"][name]``, in an order drawn from (run seed, stream name,
+    epoch) alone, like the main loader's.
+
+    Attributes:
+        source: e.g. ``{"kind": "folder", "root": "/data/imagenet/train"}`` or
+            ``{"kind": "synthetic_anomalies", "synthesis": {...}}``.
+        batch_size: images per step.
+    """
+
+    source: dict[str, Any]
+    batch_size: int = 1
+
+
+@dataclass
+class PretrainData:
+    """What the runner offers a method's pretraining step.
+
+    A method module that declares ``pretrain(cfg, backbone, data) -> {part: cached file}``
+    has a pretraining step (e.g. Uninformed Students' patch teachers): it runs before
+    ``build`` through :func:`stad.methods.build_method` (and ``python -m stad.pretrain``),
+    caches its result by its settings, and ``build`` loads the cached files.
+
+    Attributes:
+        train_files: lists the run's training image files (by the dataset's own reader), on
+            demand: listing a dataset decodes it, and most pretraining steps never need it.
+    """
+
+    train_files: Callable[[], list[Path]] | None = None
+    _listed: list[Path] | None = field(default=None, repr=False)
+
+    def training_images(self, purpose: str) -> list[Path]:
+        """The training image files; ``purpose`` names the setting that asks for them.
+
+        Raises:
+            StadError: no dataset was given to the pretraining step.
+        """
+        if self.train_files is None:
+            raise StadError(
+                f"{purpose} needs the dataset's training images, but the pretraining step was "
+                "given no dataset; run it through python -m stad or python -m stad.pretrain"
+            )
+        if self._listed is None:
+            self._listed = list(self.train_files())
+        return list(self._listed)
 
 
 class Teacher(nn.Module):
@@ -76,28 +149,37 @@ class Scorer(nn.Module):
         raise NotImplementedError
 
 
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
 @dataclass
 class Stage:
     """One training stage: which sub-modules train, on which loss, with which optimizer, how long.
 
     Attributes:
         name: short name, used in logs and in the run record.
-        epochs: the method's (paper) number of epochs; a trainer preset may cap it.
+        epochs: the method's (paper) number of epochs; a trainer preset may cap it. ``None``
+            when the stage is measured in ``steps``.
         trainable: attribute paths of the Method whose parameters train (e.g. ``["student"]``);
             every other parameter is frozen and every other module stays in eval mode.
         loss: ``loss(method, batch) -> {"loss": scalar, ...}``; extra entries are logged.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
-        scheduler: optional ``scheduler(optimizer) -> LRScheduler``, stepped once per epoch.
+        scheduler: optional ``scheduler(optimizer) -> LRScheduler``.
         selection: ``"last"`` keeps the final weights; ``"min_val_loss"`` keeps the weights with
             the lowest ``val_loss`` on normal images held out of the training set (never the
             test set).
         val_loss: the selection criterion on held-out normal images (default: ``loss``).
         drop_last: drop the last incomplete training batch of every epoch (e.g. AST's official
             loaders); kept when the training set is smaller than one batch.
+        steps: the stage's length in optimiser steps instead of epochs (e.g. EfficientAD's
+            70 000); the training loader is repeated as often as needed.
+        scheduler_interval: ``"epoch"`` steps the scheduler after every epoch, ``"step"`` after
+            every optimiser step.
+        streams: auxiliary data streams by name (:class:`Stream`).
     """
 
     name: str
-    epochs: int
+    epochs: int | None
     trainable: Sequence[str]
     loss: LossFn
     optimizer: Callable[..., torch.optim.Optimizer]
@@ -105,6 +187,9 @@ class Stage:
     selection: str = "last"
     val_loss: LossFn | None = None
     drop_last: bool = False
+    steps: int | None = None
+    scheduler_interval: str = "epoch"
+    streams: dict[str, Stream] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.selection not in ("last", "min_val_loss"):
@@ -112,21 +197,44 @@ class Stage:
                 f"stage {self.name}: selection must be 'last' or 'min_val_loss', "
                 f"got {self.selection!r}"
             )
+        if (self.epochs is None) == (self.steps is None):
+            raise StadError(
+                f"stage {self.name}: give its length as epochs or as steps (exactly one), got "
+                f"epochs={self.epochs}, steps={self.steps}"
+            )
+        length = self.epochs if self.steps is None else self.steps
+        if int(length) < 1:
+            unit = "epochs" if self.steps is None else "steps"
+            raise StadError(f"stage {self.name}: {unit}={length}; train at least 1")
+        if self.scheduler_interval not in SCHEDULER_INTERVALS:
+            raise StadError(
+                f"stage {self.name}: scheduler_interval must be one of "
+                f"{', '.join(SCHEDULER_INTERVALS)}, got {self.scheduler_interval!r}"
+            )
+
+    @property
+    def length(self) -> str:
+        """``"100 epochs"`` or ``"70000 steps"``, for logs."""
+        return f"{self.epochs} epochs" if self.steps is None else f"{self.steps} steps"
 
     @classmethod
     def from_config(
         cls, name: str, cfg: Any, trainable: Sequence[str], loss: LossFn, **kwargs: Any
     ) -> Stage:
-        """A stage from its yaml block: ``epochs``, ``optimizer`` (a ``_partial_`` target),
-        optional ``scheduler`` (a ``_partial_`` target), ``selection`` and ``drop_last``."""
+        """A stage from its yaml block: ``epochs`` or ``steps``, ``optimizer`` (a ``_partial_``
+        target), optional ``scheduler`` (a ``_partial_`` target) and ``scheduler_interval``,
+        ``selection`` and ``drop_last``."""
         scheduler = cfg.get("scheduler")
+        epochs, steps = cfg.get("epochs"), cfg.get("steps")
         return cls(
             name=name,
-            epochs=int(cfg.epochs),
+            epochs=None if epochs is None else int(epochs),
+            steps=None if steps is None else int(steps),
             trainable=list(trainable),
             loss=loss,
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(scheduler) if scheduler is not None else None,
+            scheduler_interval=str(cfg.get("scheduler_interval", "epoch")),
             selection=str(cfg.get("selection", "last")),
             drop_last=bool(cfg.get("drop_last", False)),
             **kwargs,
@@ -134,14 +242,18 @@ class Stage:
 
 
 class Method(nn.Module):
-    """A student-teacher method: teacher + student + scorer + ordered training stages."""
+    """A student-teacher method: teacher + student + scorer + ordered training stages.
+
+    ``stages`` may interleave :class:`Calibration` passes (statistics fitted before the stages
+    that follow them); ``calibration`` is fitted on validation images after the last stage.
+    """
 
     def __init__(
         self,
         teacher: nn.Module,
         student: nn.Module,
         scorer: nn.Module,
-        stages: Sequence[Stage],
+        stages: Sequence[Stage | Calibration],
         info: dict[str, Any] | None = None,
         calibration: Calibration | None = None,
         requires: Sequence[str] = (),
@@ -151,6 +263,12 @@ class Method(nn.Module):
         self.student = student
         self.scorer = scorer
         self.stages = list(stages)
+        for step in self.stages:
+            if isinstance(step, Calibration) and step.data not in CALIBRATION_DATA:
+                raise StadError(
+                    f"calibration {step.name}: data must be one of {', '.join(CALIBRATION_DATA)}, "
+                    f"got {step.data!r}"
+                )
         # Facts the run record reports (loaded weights, loss variants, score reduction ...).
         self.info: dict[str, Any] = dict(info or {})
         # Fitted on normal validation images after the last stage (run.py), when set.
@@ -166,6 +284,11 @@ class Method(nn.Module):
         targets = self.teacher(batch)
         preds = self.student(batch, targets)
         return self.scorer(targets, preds, batch)
+
+    @property
+    def training_stages(self) -> list[Stage]:
+        """The stages that train (``stages`` without its calibration passes)."""
+        return [s for s in self.stages if isinstance(s, Stage)]
 
     def submodule(self, path: str) -> nn.Module:
         """The sub-module at a dotted attribute path such as ``student`` or ``teacher.raa``."""
@@ -200,10 +323,14 @@ class StageModule(L.LightningModule):
         metrics: dict[str, Any] | None = None,
         keep_examples: int = 0,
         channels_last: bool = False,
+        streams: dict[str, StreamLoaders] | None = None,
     ) -> None:
         super().__init__()
         self.method = method
         self.channels_last = channels_last
+        # The stage's auxiliary streams: name -> (epoch, round) -> a loader over its data.
+        self.streams = dict(streams or {})
+        self._stream_iters: dict[str, Iterator[Batch]] = {}
         self.stage = stage
         self.metrics = nn.ModuleDict(metrics or {})
         self.keep_examples = keep_examples
@@ -241,7 +368,7 @@ class StageModule(L.LightningModule):
         scheduler = self.stage.scheduler(optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.stage.scheduler_interval},
         }
 
     def _prepare(self, batch: Batch) -> Batch:
@@ -267,7 +394,16 @@ class StageModule(L.LightningModule):
             )
         return losses
 
+    def _stream_batches(self) -> dict[str, Batch]:
+        """One batch of every auxiliary stream, on this module's device."""
+        return {
+            name: self.transfer_batch_to_device(next(it), self.device, 0)
+            for name, it in self._stream_iters.items()
+        }
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self._stream_iters:
+            batch["streams"] = self._stream_batches()
         losses = self._stage_loss(self._prepare(batch))
         bs = batch["image"].shape[0]
         for key, value in losses.items():
@@ -339,6 +475,9 @@ class StageModule(L.LightningModule):
             set_epoch = getattr(loss, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(self.current_epoch)
+        self._stream_iters = {
+            name: _endless(loaders, self.current_epoch) for name, loaders in self.streams.items()
+        }
 
     def restore_selected(self) -> None:
         """Load the weights chosen by the stage's selection rule (no-op for ``last``)."""
@@ -406,24 +545,58 @@ class StageModule(L.LightningModule):
 
 
 class CalibrationModule(L.LightningModule):
-    """Runs a Method's :class:`Calibration` over normal validation images under Lightning
+    """Runs one :class:`Calibration` of a Method over normal images under Lightning
     (``trainer.validate``), so it uses the same device and precision as training."""
 
-    def __init__(self, method: Method) -> None:
+    def __init__(
+        self,
+        method: Method,
+        calibration: Calibration | None = None,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        if method.calibration is None:
-            raise ValueError("CalibrationModule needs a method with a calibration")
+        calibration = calibration or method.calibration
+        if calibration is None:
+            raise ValueError("CalibrationModule needs a calibration (or a method with one)")
         self.method = method
-        self.calibration = method.calibration
+        self.calibration = calibration
+        self.channels_last = channels_last
 
     def on_validation_start(self) -> None:
         self.calibration.reset(self.method)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if self.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         self.calibration.update(self.method, batch)
 
     def on_validation_end(self) -> None:
         self.calibration.finish(self.method)
+
+
+def calibration_state(method: Method, calibration: Calibration) -> dict[str, Tensor]:
+    """The state (parameters and buffers) of the modules a calibration fits, by full path."""
+    state: dict[str, Tensor] = {}
+    for path in calibration.fits:
+        for k, v in method.submodule(path).state_dict().items():
+            state[f"{path}.{k}"] = v
+    return state
+
+
+StreamLoaders = Callable[[int, int], Iterable[Batch]]
+"""``loaders(epoch, round)``: the ``round``-th pass of an auxiliary stream in ``epoch``."""
+
+
+def _endless(loaders: StreamLoaders, epoch: int) -> Iterator[Batch]:
+    """The stream's batches for one epoch, starting a new pass whenever one ends (a stream
+    smaller than the epoch repeats, each pass in its own seeded order)."""
+    for round_ in itertools.count():
+        empty = True
+        for batch in loaders(epoch, round_):
+            empty = False
+            yield batch
+        if empty:
+            raise StadError("an auxiliary data stream holds no images")
 
 
 def update_metric(name: str, metric: Any, maps: Tensor, scores: Tensor, batch: Batch) -> None:

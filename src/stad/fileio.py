@@ -1,5 +1,6 @@
-"""Atomic file writing: readers see the old file or the complete new one, never a part (run
-records, reports, checkpoints, predictions, exports and the resume state all go through it)."""
+"""Files: atomic writing (readers see the old file or the complete new one, never a part: run
+records, reports, checkpoints, predictions, exports and the resume state all go through it) and
+the image-file filter every reader and image folder shares."""
 
 from __future__ import annotations
 
@@ -49,3 +50,25 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+"""File suffixes read as images (compared case-insensitively); every other file is ignored."""
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is an image file stad reads.
+
+    Hidden files are skipped: macOS writes ``._name.png`` resource forks next to real images,
+    which carry an image suffix but are not images.
+    """
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (deterministic order)."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)

@@ -1,51 +1,58 @@
-"""Command line: ``python -m stad.pretrain method=<name> [overrides]`` pretrains and caches the
-parts of a method that train before (and apart from) any run, e.g. Uninformed Students' patch
-teachers, and prints where they were saved. Runs reuse the cached results.
+"""Command line: ``python -m stad.pretrain method=<name> [overrides]`` runs a method's
+pretraining step (e.g. Uninformed Students' patch teachers) and prints where its cached results
+were saved; runs of the same settings reuse them. A method without a pretraining step says so.
 
 It composes the same config as ``python -m stad`` (so the same overrides apply) and writes no
-run directory.
+run directory. The step is the one ``python -m stad`` runs before training
+(:func:`stad.methods.pretrain_method`), with the same dataset offered to it.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 
 import hydra
 from omegaconf import DictConfig
 
-from stad.errors import StadError, lookup
+from stad.errors import StadError
 
 log = logging.getLogger("stad")
 
-Pretrainer = Callable[[DictConfig, DictConfig], dict[str, Path]]
+# Image size at which the dataset is built only to list its training files.
+SCAN_SIZE = 32
 
 
-def pretrainers() -> dict[str, Pretrainer]:
-    """Methods with a pretraining step, by name: ``pretrain(method_cfg, backbone_cfg)`` returns
-    the saved files by part name."""
-    from stad.methods import us  # heavy imports after Hydra has handled --help / --cfg
+def _list_training_files(dataset_cfg: DictConfig) -> list:
+    from stad.data import build_dataset, training_files
 
-    return {"us": us.pretrain}
+    return training_files(build_dataset(dataset_cfg, SCAN_SIZE))
 
 
 @hydra.main(config_path="pkg://stad.conf", config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
     import torch
 
+    # Heavy imports after Hydra has handled --help / --cfg.
+    from stad.core import PretrainData
+    from stad.methods import has_pretraining, pretrain_method
+
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
+    name = str(cfg.method.name)
     try:
-        pretrain = lookup(pretrainers(), "method with a pretraining step", cfg.method.name)
-        saved = pretrain(cfg.method, cfg.backbone)
+        if not has_pretraining(name):
+            print(f"{name}: no pretraining step; nothing to do", flush=True)
+            return
+        data = PretrainData(train_files=partial(_list_training_files, cfg.dataset))
+        saved = pretrain_method(cfg.method, cfg.backbone, data)
     except StadError as err:
         log.error("%s", err)
         print(f"stad.pretrain: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    for name, path in saved.items():
-        print(f"{cfg.method.name} {name}: {path}", flush=True)
+    for part, path in saved.items():
+        print(f"{name} {part}: {path}", flush=True)
 
 
 def main() -> None:

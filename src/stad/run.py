@@ -11,6 +11,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,23 @@ from torch.utils.data import DataLoader
 from stad import resume
 from stad.backbones import total_stride
 from stad.checkpoint import save_checkpoint
-from stad.core import CalibrationModule, Method, Stage, StageModule
-from stad.data import build_dataset
+from stad.core import (
+    Calibration,
+    CalibrationModule,
+    Method,
+    PretrainData,
+    Stage,
+    StageModule,
+    calibration_state,
+)
+from stad.data import build_dataset, training_files
 from stad.data.base import DatasetSplits, data_fingerprint, decode_cache, mask_rule
 from stad.data.datamodule import AnomalyDataModule
 from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
 from stad.methods import build_method
-from stad.metrics import PRO, ImageAUROC, PixelAUROC
+from stad.metrics import PRO, ImageAUROC, PixelAUROC, dataset_metric
 from stad.results import (
     RECORD_NAME,
     SCHEMA_VERSION,
@@ -40,7 +49,7 @@ from stad.results import (
     package_versions,
     write_record,
 )
-from stad.rng import set_rng_state
+from stad.rng import set_rng_state, stable_seed
 from stad.thresholds import (
     ThresholdCounts,
     fixed_threshold,
@@ -64,6 +73,8 @@ class StageReport:
     steps: int
     selection: str
     best_val_loss: float | None
+    # "train" (a Stage) or "calibration" (a statistics pass placed between stages).
+    kind: str = "train"
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -105,7 +116,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         splits = build_dataset(cfg.dataset, image_size)
     # Before training: a file that moves during a long run must not lose the finished run.
     fingerprint = data_fingerprint(splits)
-    method = build_method(cfg.method, cfg.backbone)
+    method = build_method(
+        cfg.method, cfg.backbone, PretrainData(train_files=partial(training_files, splits))
+    )
     method.name = str(cfg.method.name)
     check_inputs(method, splits, cfg)
     check_image_size(method, image_size, cfg)
@@ -125,10 +138,12 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     checkpoints = resume.prepare(run_dir, config_hash(cfg), bool(cfg.get("resume", False)))
     reports = [
-        _fit_stage(cfg, method, stage, datamodule, run_dir, channels_last, checkpoints)
-        for stage in method.stages
+        _fit_stage(cfg, method, step, datamodule, run_dir, channels_last, checkpoints)
+        if isinstance(step, Stage)
+        else _calibration_pass(cfg, method, step, datamodule, run_dir, channels_last, checkpoints)
+        for step in method.stages
     ]
-    _calibrate(cfg, method, datamodule, run_dir)
+    _calibrate(cfg, method, datamodule, run_dir, channels_last)
     thresholds = choose_thresholds(cfg, method, datamodule)
     validated = (
         _validate(cfg, method, datamodule, run_dir, channels_last) if synthetic_validation else None
@@ -211,8 +226,10 @@ def held_out_fraction(cfg: DictConfig, method: Method) -> float:
     """Share of the training images held out as normal validation images: the method's own
     ``val_fraction`` when it selects weights or fits statistics on them, else the synthetic
     validation set's when one is wanted, else none."""
-    needs_val = method.calibration is not None or any(
-        s.selection == "min_val_loss" for s in method.stages
+    needs_val = (
+        method.calibration is not None
+        or any(s.selection == "min_val_loss" for s in method.training_stages)
+        or any(isinstance(s, Calibration) and s.data == "val" for s in method.stages)
     )
     fraction = float(cfg.method.get("val_fraction", 0.0)) if needs_val else 0.0
     if fraction == 0.0 and wants_synthetic_validation(cfg):
@@ -384,6 +401,56 @@ def _note_backbone_choice(cfg: DictConfig) -> None:
         )
 
 
+# Keys of the trainer group that stad reads itself; every other key is an argument of
+# lightning.Trainer, passed as it is (a new Lightning option needs no code: +trainer.<arg>=...).
+STAD_TRAINER_KEYS = frozenset(
+    {
+        "max_epochs",  # a cap on every stage's epochs (the stage's own length otherwise)
+        "max_steps",  # a cap on every stage's steps
+        "batch_size",
+        "eval_batch_size",
+        "num_workers",
+        "channels_last",
+        "num_threads",
+        "checkpoint_epochs",
+        "inference_timing",
+        "pretrain_steps",
+    }
+)
+# Lightning arguments the runner sets per stage: a user's value would break weight selection,
+# resume or the data sharding.
+RUNNER_TRAINER_KEYS = frozenset(
+    {
+        "logger",
+        "callbacks",
+        "enable_checkpointing",
+        "use_distributed_sampler",
+        "num_sanity_val_steps",
+    }
+)
+
+
+def lightning_options(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """The trainer group's Lightning arguments (unset ``limit_*`` values left to Lightning).
+
+    Raises:
+        StadError: the config sets an argument the runner owns.
+    """
+    options = OmegaConf.to_container(trainer_cfg, resolve=True)
+    assert isinstance(options, dict)
+    owned = sorted(RUNNER_TRAINER_KEYS & set(options))
+    if owned:
+        raise StadError(
+            f"trainer.{owned[0]} is set by stad's runner for every stage and cannot be "
+            "configured; remove it from the trainer config"
+        )
+    return {
+        str(k): v
+        for k, v in options.items()
+        if k not in STAD_TRAINER_KEYS and not (str(k).startswith("limit_") and v is None)
+    }
+
+
 def _trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -391,37 +458,28 @@ def _trainer(
     name: str,
     validate: bool = False,
     callbacks: list[L.Callback] | None = None,
+    max_steps: int = -1,
+    limit_val_batches: int | float | None = None,
 ) -> L.Trainer:
-    t = cfg.trainer
-    limits = {
-        k: t[k]
-        for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches")
-        if t.get(k) is not None
-    }
+    options = lightning_options(cfg.trainer)
+    if limit_val_batches is not None:
+        options["limit_val_batches"] = limit_val_batches
     if not validate:
-        limits["limit_val_batches"] = 0
-    strategy = str(t.get("strategy", "auto"))
-    check_strategy(strategy, t.devices)
+        options["limit_val_batches"] = 0
+    strategy = str(options.pop("strategy", "auto"))
+    check_strategy(strategy, options.get("devices", 1))
     return L.Trainer(
-        accelerator=t.accelerator,
         strategy=strategy,
-        devices=t.devices,
-        precision=t.precision,
         max_epochs=max_epochs,
-        max_steps=int(t.max_steps),
-        # "warn": deterministic kernels where torch has them, a warning (not an error) elsewhere.
-        deterministic="warn" if str(t.deterministic) == "warn" else bool(t.deterministic),
-        enable_progress_bar=bool(t.enable_progress_bar),
+        max_steps=max_steps,
         enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=int(t.log_every_n_steps),
         num_sanity_val_steps=0,
         logger=CSVLogger(save_dir=str(run_dir), name="logs", version=_log_version(run_dir, name)),
         callbacks=callbacks or [],
         # The datamodule shards the data itself (stad.distributed): Lightning's sampler would
         # repeat test images to even out the shares and split the validation images.
         use_distributed_sampler=False,
-        **limits,
+        **options,
     )
 
 
@@ -436,9 +494,22 @@ def _log_version(run_dir: Path, name: str) -> str:
 
 
 def stage_epochs(cfg: DictConfig, stage: Stage) -> int:
-    """The stage's epochs, capped by ``trainer.max_epochs`` when a preset sets one."""
+    """The stage's epochs, capped by ``trainer.max_epochs`` when a preset sets one; -1 (no
+    epoch limit) for a stage measured in steps without such a cap."""
     cap = cfg.trainer.get("max_epochs")
+    if stage.epochs is None:
+        return int(cap) if cap else -1
     return min(stage.epochs, int(cap)) if cap else stage.epochs
+
+
+def stage_steps(cfg: DictConfig, stage: Stage) -> int:
+    """The stage's optimiser steps (-1: as many as its epochs give), capped by
+    ``trainer.max_steps`` when that is set (> 0)."""
+    cap = int(cfg.trainer.get("max_steps", -1))
+    steps = -1 if stage.steps is None else stage.steps
+    if cap > 0:
+        return cap if steps < 0 else min(steps, cap)
+    return steps
 
 
 def _fit_stage(
@@ -452,21 +523,24 @@ def _fit_stage(
 ) -> StageReport:
     """Train one stage (or take it from a finished earlier attempt), keeping its state after
     every epoch so a killed run resumes where it was."""
-    done = resume.load_done(checkpoints, stage.name)
+    done = _resumed(method, stage.name, checkpoints)
     if done is not None:
-        log.info(
-            "stage %s: finished in an earlier attempt, resumed from its checkpoint", stage.name
-        )
-        method.load_state_dict(done["state"], strict=False)
-        set_rng_state(done["rng"])
-        return StageReport(**done["report"])
-    epochs = stage_epochs(cfg, stage)
-    log.info("stage %s: %d epochs, training %s", stage.name, epochs, ", ".join(stage.trainable))
-    module = StageModule(method, stage, channels_last=channels_last)
+        return done
+    epochs, steps = stage_epochs(cfg, stage), stage_steps(cfg, stage)
+    length = f"{epochs} epochs" if steps < 0 else f"{steps} steps"
+    log.info("stage %s: %s, training %s", stage.name, length, ", ".join(stage.trainable))
+    streams = stream_loaders(cfg, stage, datamodule)
+    module = StageModule(method, stage, channels_last=channels_last, streams=streams)
     last = resume.last_checkpoint(checkpoints, stage.name)
     callbacks = [resume.EpochCheckpoint(last)] if cfg.trainer.get("checkpoint_epochs", True) else []
     trainer = _trainer(
-        cfg, run_dir, epochs, stage.name, validate=stage.selection != "last", callbacks=callbacks
+        cfg,
+        run_dir,
+        epochs,
+        stage.name,
+        validate=stage.selection != "last",
+        callbacks=callbacks,
+        max_steps=steps,
     )
     ckpt_path = str(last) if last.is_file() else None
     if ckpt_path:
@@ -484,20 +558,106 @@ def _fit_stage(
     return report
 
 
-def _calibrate(
-    cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, run_dir: Path
-) -> None:
-    """Fit the method's calibration (if any) on the normal validation images."""
-    if method.calibration is None:
-        return
+def _resumed(method: Method, name: str, checkpoints: Path) -> StageReport | None:
+    """The report of a stage or calibration pass an earlier attempt finished, its state
+    loaded into ``method`` and the random state restored; None when it has to run."""
+    done = resume.load_done(checkpoints, name)
+    if done is None:
+        return None
+    log.info("%s: finished in an earlier attempt, resumed from its checkpoint", name)
+    method.load_state_dict(done["state"], strict=False)
+    set_rng_state(done["rng"])
+    return StageReport(**done["report"])
+
+
+def stream_loaders(cfg: DictConfig, stage: Stage, datamodule: AnomalyDataModule) -> dict[str, Any]:
+    """The stage's auxiliary streams as ``(epoch, round) -> loader`` functions, each pass
+    shuffled by a generator seeded from (run seed, stream name, epoch, round) alone."""
+    from stad.data.streams import build_stream
+
+    loaders = {}
+    for name, stream in stage.streams.items():
+        dataset = build_stream(stream.source, int(cfg.image_size), datamodule.train_dataset)
+        loaders[name] = partial(_stream_pass, dataset, stream.batch_size, cfg, name)
+    return loaders
+
+
+def _stream_pass(
+    dataset: Any, batch_size: int, cfg: DictConfig, name: str, epoch: int, round_: int
+) -> DataLoader:
+    seed = stable_seed(int(cfg.seed), name, epoch, round_)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        # Full batches only (a stream smaller than one batch keeps its one batch).
+        drop_last=len(dataset) >= batch_size,
+        num_workers=int(cfg.trainer.num_workers),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _calibration_pass(
+    cfg: DictConfig,
+    method: Method,
+    calibration: Calibration,
+    datamodule: AnomalyDataModule,
+    run_dir: Path,
+    channels_last: bool,
+    checkpoints: Path,
+) -> StageReport:
+    """Fit a calibration placed between stages (e.g. statistics of the teacher's features that
+    the next stage's targets are normalised by), once: a resumed run restores it."""
+    done = _resumed(method, calibration.name, checkpoints)
+    if done is not None:
+        return done
+    loader = _calibration_loader(cfg, calibration, datamodule)
+    log.info("calibration %s on the %s images", calibration.name, calibration.data)
+    start = time.perf_counter()
+    # A pass over the training images is capped like training (limit_train_batches), not like
+    # validation.
+    limit = cfg.trainer.get("limit_train_batches") if calibration.data == "train" else None
+    if calibration.data == "train":
+        limit = 1.0 if limit is None else limit
+    trainer = _trainer(cfg, run_dir, 1, calibration.name, validate=True, limit_val_batches=limit)
+    module = CalibrationModule(method, calibration, channels_last=channels_last)
+    trainer.validate(module, loader, verbose=False)
+    seconds = time.perf_counter() - start
+    report = StageReport(calibration.name, seconds, 0, 0, "none", None, kind="calibration")
+    state = calibration_state(method, calibration)
+    resume.save_done(checkpoints, calibration.name, state, asdict(report))
+    return report
+
+
+def _calibration_loader(
+    cfg: DictConfig, calibration: Calibration, datamodule: AnomalyDataModule
+) -> DataLoader:
+    if calibration.data == "train":
+        datamodule.drop_last_train = False
+        return datamodule.train_dataloader()
     if len(datamodule.val_dataset) == 0:
         raise StadError(
             f"method {cfg.method.name} fits statistics on normal validation images but none are "
             "held out; set method.val_fraction > 0"
         )
+    return datamodule.val_dataloader()
+
+
+def _calibrate(
+    cfg: DictConfig,
+    method: Method,
+    datamodule: AnomalyDataModule,
+    run_dir: Path,
+    channels_last: bool = False,
+) -> None:
+    """Fit the method's calibration (if any) on the normal validation images."""
+    if method.calibration is None:
+        return
+    loader = _calibration_loader(cfg, method.calibration, datamodule)
     log.info("calibration on %d normal validation images", len(datamodule.val_dataset))
     trainer = _trainer(cfg, run_dir, 1, "calibration", validate=True)
-    trainer.validate(CalibrationModule(method), datamodule.val_dataloader(), verbose=False)
+    module = CalibrationModule(method, channels_last=channels_last)
+    trainer.validate(module, loader, verbose=False)
 
 
 def _validate(
@@ -536,7 +696,7 @@ def _metrics(cfg: DictConfig, splits: DatasetSplits | None) -> dict[str, Any]:
         "pro": PRO(fpr_limit=limit),
     }
     own = splits.metrics if splits is not None else {}
-    return {**common, **{name: factory() for name, factory in own.items()}}
+    return {**common, **{name: dataset_metric(name, args) for name, args in own.items()}}
 
 
 def metric_values(name: str, value: Any) -> dict[str, float]:

@@ -207,3 +207,9 @@ LAYOUTS: dict[str, Callable[[DictConfig], LayoutReport]] = {
     "folder": _folder_layout,
 }
 """Layout scanners by dataset name: a ``dataset`` config → a ``LayoutReport`` (no decoding)."""
+
+
+def training_files(splits: DatasetSplits) -> list[Path]:
+    """The training image files of built splits, in the reader's order (what a method's
+    pretraining step may crop, :class:`stad.core.PretrainData`)."""
+    return [s.image_path for s in getattr(splits.train, "samples", [])]

@@ -14,7 +14,7 @@ import hashlib
 import os
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -128,8 +128,9 @@ class DatasetSplits:
             "n_train": 209, "n_test": 83, "n_test_anomalous": 63, "image_size": [256, 256]}``.
         validation: Normal images of the dataset's own validation split (MVTec 3D-AD's
             ``validation/good``), or None for datasets without one (MVTec AD); never test images.
-        metrics: The dataset's own test metrics beside the common ones, by record name, as
-            factories of torchmetrics Metrics (e.g. MVTec LOCO's sPRO); see
+        metrics: The dataset's own test metrics beside the common ones: record name (a key of
+            ``stad.metrics.DATASET_METRICS``) -> the metric's arguments, plain data (e.g.
+            MVTec LOCO's ground-truth regions for sPRO); the runner builds the metrics. See
             ``stad.core.update_metric`` for what their ``update`` receives.
         extra_files: Files the reader read besides the samples' own (a split list, a defect
             config), counted by :func:`data_fingerprint`.
@@ -139,7 +140,7 @@ class DatasetSplits:
     test: Dataset
     info: dict[str, Any] = field(default_factory=dict)
     validation: Dataset | None = None
-    metrics: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_files: tuple[Path, ...] = ()
 
 

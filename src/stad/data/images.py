@@ -28,30 +28,12 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from stad.errors import DatasetError
+from stad.fileio import IMAGE_EXTENSIONS, is_image_file, list_images
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-"""File suffixes read as images (compared case-insensitively); every other file is ignored."""
+__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "list_images"]  # re-exported for the readers
 
 # Decoding errors PIL and numpy raise on truncated, corrupt or exotic files.
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError)
-
-
-def is_image_file(path: Path) -> bool:
-    """Whether ``path`` is an image file stad reads.
-
-    Hidden files are skipped: macOS writes ``._name.png`` resource forks next to real images,
-    which carry an image suffix but are not images.
-    """
-    return (
-        path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
-    )
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (deterministic order)."""
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
 
 
 def list_subfolders(folder: Path) -> list[Path]:

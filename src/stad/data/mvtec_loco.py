@@ -15,7 +15,8 @@ Each ground-truth PNG (a "channel") holds one defect instance: its pixels carry 
 value (255, 254, ... down to 236 in some categories) and everything else is 0. The pixel mask of
 an image is the union of its channels (binarised with ``> 0``, so the low values count); the
 channels themselves, resized to the run's image size, are kept as the regions of the sPRO metric
-(:class:`stad.metrics.spro.SPRO`), which the reader registers as ``DatasetSplits.metrics["spro"]``.
+(:class:`stad.metrics.spro.SPRO`): the reader hands them on as plain data
+(``DatasetSplits.metrics["spro"]``, :mod:`stad.defects`) and the runner builds the metric.
 The dataset's own ``validation/good`` split is served as ``DatasetSplits.validation``.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,8 @@ from stad.data.images import (
     resize_mask,
 )
 from stad.data.mvtec import NORMAL, _index_by_stem, category_dir_of
+from stad.defects import ANOMALY_GROUPS, DefectConfig, Region, load_defects_config
 from stad.errors import DatasetError
-from stad.metrics.spro import ANOMALY_GROUPS, SPRO, DefectConfig, Region, load_defects_config
 
 __all__ = [
     "ANOMALY_GROUPS",
@@ -370,8 +370,8 @@ def build_mvtec_loco(
             (ground-truth channels are always decoded now: the metric needs them).
 
     Returns:
-        The splits, with ``validation`` set and ``metrics["spro"]`` a factory of
-        :class:`~stad.metrics.spro.SPRO` over the test set's regions.
+        The splits, with ``validation`` set and ``metrics["spro"]`` the arguments of
+        :class:`~stad.metrics.spro.SPRO` (the test set's regions, the FPR limit).
 
     Raises:
         DatasetError: The layout is malformed (every problem in one message), a channel is
@@ -388,7 +388,7 @@ def build_mvtec_loco(
         test=LocoDataset(test, size_hw, masks, preload=preload),
         validation=AnomalyDataset(validation, size_hw, preload=preload),
     )
-    splits.metrics = {"spro": partial(SPRO, regions=regions, fpr_limit=spro_fpr_limit)}
+    splits.metrics = {"spro": {"regions": regions, "fpr_limit": spro_fpr_limit}}
     # The saturation thresholds of sPRO come from it: part of the data fingerprint.
     splits.extra_files = (Path(report.location) / DEFECTS_CONFIG,)
     splits.info = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +32,9 @@ from stad.errors import StadError
 from stad.methods.common import reduce_map
 from stad.methods.patchnet import PatchNet
 
-# pretrain: the pretrain command's entry for this method (stad.pretrain's registry).
+# pretrain: this method's pretraining step (stad.methods.build_method runs it before build).
 from stad.methods.us_pretrain import (  # noqa: F401
-    load_or_pretrain,
+    load_teacher,
     normalize,
     patch_net,
     pretrain,
@@ -46,8 +47,8 @@ log = logging.getLogger("stad")
 class DescriptorStats(nn.Module):
     """Per-scale, per-channel mean/std of the teacher's descriptors over the training images.
 
-    Accumulated by the ``descriptor_stats`` stage; identity until then. ``anchor`` is a dummy
-    parameter so that the statistics pass can run as an ordinary Stage.
+    Fitted by the ``descriptor_stats`` calibration before the students train; identity until
+    then.
     """
 
     def __init__(self, scales: int, channels: int) -> None:
@@ -55,7 +56,6 @@ class DescriptorStats(nn.Module):
         self.register_buffer("count", torch.zeros(scales, dtype=torch.float64))
         self.register_buffer("total", torch.zeros(scales, channels, dtype=torch.float64))
         self.register_buffer("squares", torch.zeros(scales, channels, dtype=torch.float64))
-        self.anchor = nn.Parameter(torch.zeros(()))
 
     @torch.no_grad()
     def update(self, index: int, desc: Tensor) -> None:
@@ -231,17 +231,34 @@ def training_pixels(
     return lambda n, x: n.dense(x)
 
 
-def descriptor_stats_pass(
-    method: Method, batch: Batch, sampling: str = "dense", crop: int | None = None
-) -> dict[str, Tensor]:
-    """Not a learning step: accumulates the teacher's descriptor statistics of the batch (over
-    the pixels the students' steps would sample, see :func:`training_pixels`)."""
-    teacher = method.teacher
-    images = normalize(batch["image"])
-    with torch.no_grad():
+class DescriptorStatsCalibration(Calibration):
+    """The teacher's per-channel descriptor statistics over the training images (over the
+    pixels the students' steps sample, :func:`training_pixels`), fitted before the students
+    train: their regression targets are the normalised descriptors."""
+
+    name = "descriptor_stats"
+    data = "train"
+    fits = ("teacher.stats",)
+
+    def __init__(self, sampling: str = "dense", crop: int | None = None) -> None:
+        self.sampling, self.crop = sampling, crop
+
+    def reset(self, method: Method) -> None:
+        stats = method.teacher.stats
+        for buffer in (stats.count, stats.total, stats.squares):
+            buffer.zero_()
+
+    @torch.no_grad()
+    def update(self, method: Method, batch: Batch) -> None:
+        teacher = method.teacher
+        images = normalize(batch["image"])
         for k, net in enumerate(teacher.nets):
-            teacher.stats.update(k, training_pixels(net, images, sampling, crop)(net, images))
-    return {"loss": teacher.stats.anchor * 0.0}
+            run = training_pixels(net, images, self.sampling, self.crop)
+            teacher.stats.update(k, run(net, images))
+
+    def finish(self, method: Method) -> None:
+        if not bool((method.teacher.stats.count > 0).all()):
+            raise StadError("us: the descriptor statistics saw no training image")
 
 
 def student_loss(
@@ -260,16 +277,17 @@ def student_loss(
 
 
 # -- build ------------------------------------------------------------------------------------
-def build(cfg: DictConfig, backbone: DictConfig) -> Method:
+def build(cfg: DictConfig, backbone: DictConfig, pretrained: dict[str, Path]) -> Method:
     """Uninformed Students from ``conf/method/us.yaml``; ``backbone`` is the distillation target
-    of the teacher pretraining."""
+    of the teacher pretraining, ``pretrained`` its cached teachers by scale (:func:`pretrain`;
+    empty when a checkpoint provides the weights)."""
     scales = [int(p) for p in cfg.scales]
     if not scales or len(set(scales)) != len(scales):
         raise StadError(f"method.scales={scales}: give distinct patch sizes from 17, 33, 65")
     tile = int(cfg.tile) if cfg.tile else None
     nets, pretraining = [], {}
     for p in scales:
-        net, info = load_or_pretrain(p, cfg, backbone)
+        net, info = load_teacher(p, cfg, pretrained.get(f"p{p}"))
         nets.append(net)
         pretraining[f"p{p}"] = info
     teacher = DenseTeacher(nets, tile)
@@ -281,14 +299,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     sampling = str(cfg.students.sampling)
     crop = int(cfg.students.crop) if cfg.students.crop else None
     scorer = EnsembleScorer(len(scales), str(cfg.scorer.reduction))
-    stats = Stage(
-        "descriptor_stats",
-        epochs=1,
-        trainable=["teacher.stats"],
-        loss=partial(descriptor_stats_pass, sampling=sampling, crop=crop),
-        optimizer=partial(torch.optim.SGD, lr=0.0),
-    )
-    stages = [stats] + [
+    stages: list[Stage | Calibration] = [DescriptorStatsCalibration(sampling, crop)] + [
         Stage.from_config(
             f"students_p{p}",
             cfg.stages.students,

@@ -29,11 +29,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from stad.backbones import create_classifier, loading_checkpoint
-from stad.core import Batch, Method, Stage, StageModule
+from stad.core import Batch, Method, PretrainData, Stage, StageModule
 from stad.core import Teacher as TeacherBase
-from stad.data import build_dataset
-from stad.data.images import is_image_file, list_images
 from stad.errors import DatasetError, StadError
+from stad.fileio import is_image_file, list_images
 from stad.methods.patchnet import PatchNet
 
 log = logging.getLogger("stad")
@@ -43,8 +42,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Folders with more images than this are decoded on access instead of kept in memory.
 PRELOAD_LIMIT = 2000
-# Image size at which the dataset is built only to list its training files.
-SCAN_SIZE = 32
 
 
 def normalize(images: Tensor) -> Tensor:
@@ -98,25 +95,17 @@ def uses_train_images(cfg: DictConfig) -> bool:
     return not cfg.teacher.pretrain_images and bool(cfg.teacher.include_train_images)
 
 
-def crop_sources(cfg: DictConfig) -> list[Path]:
+def crop_sources(cfg: DictConfig, data: PretrainData) -> list[Path]:
     """Every image file the teacher is pretrained on."""
     files = natural_images(cfg)
     if uses_train_images(cfg):
-        files += train_image_files(cfg.teacher.train_data)
+        files += data.training_images("method.teacher.include_train_images=true")
     return files
 
 
-_TRAIN_FILES: dict[str, list[Path]] = {}
-
-
-def train_image_files(data: DictConfig) -> list[Path]:
-    """The training images of a dataset config, listed by the dataset's own reader (whatever its
-    layout); remembered per config, since listing decodes them."""
-    key = OmegaConf.to_yaml(data, resolve=True)
-    if key not in _TRAIN_FILES:
-        train = build_dataset(data, SCAN_SIZE).train
-        _TRAIN_FILES[key] = [s.image_path for s in getattr(train, "samples", [])]
-    return list(_TRAIN_FILES[key])
+def _files_digest(files: list[Path]) -> dict[str, Any]:
+    names = "\n".join(f"{f.name}:{f.stat().st_size}" for f in files)
+    return {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
 class ImageSource:
@@ -296,12 +285,12 @@ def pretraining_loss(method: Method, batch: Batch, loss: DictConfig) -> dict[str
     return {"loss": total, **out}
 
 
-def pretraining_settings(p: int, cfg: DictConfig, backbone: DictConfig) -> dict[str, Any]:
+def pretraining_settings(
+    p: int, cfg: DictConfig, backbone: DictConfig, data: PretrainData
+) -> dict[str, Any]:
     """Everything the pretrained teacher of scale p depends on (its cache key)."""
     t = cfg.teacher
-    files = natural_images(cfg)
-    names = "\n".join(f"{f.name}:{f.stat().st_size}" for f in files)
-    train = cfg.teacher.train_data if uses_train_images(cfg) else None
+    train = data.training_images("include_train_images") if uses_train_images(cfg) else None
     return {
         "p": p,
         "architecture": {
@@ -309,9 +298,8 @@ def pretraining_settings(p: int, cfg: DictConfig, backbone: DictConfig) -> dict[
             "descriptor_activation": bool(cfg.get("descriptor_activation", False)),
         },
         "target": {"name": str(backbone.name), "weights": str(backbone.weights)},
-        "images": {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()},
-        # The training images are named by their dataset config (listing them decodes them).
-        "train_data": OmegaConf.to_container(train, resolve=True) if train else None,
+        "images": _files_digest(natural_images(cfg)),
+        "train_data": _files_digest(train) if train else None,
         "schedule": OmegaConf.to_container(
             OmegaConf.masked_copy(t, ["steps", "batch_size", "seed", "max_side", "optimizer"]),
             resolve=True,
@@ -321,14 +309,16 @@ def pretraining_settings(p: int, cfg: DictConfig, backbone: DictConfig) -> dict[
     }
 
 
-def teacher_path(p: int, cfg: DictConfig, backbone: DictConfig) -> Path:
+def teacher_path(p: int, cfg: DictConfig, backbone: DictConfig, data: PretrainData) -> Path:
     """Cache file of the pretrained teacher of scale p for these settings."""
-    settings = pretraining_settings(p, cfg, backbone)
+    settings = pretraining_settings(p, cfg, backbone, data)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(str(cfg.teacher.cache_dir)).expanduser() / f"us_teacher_p{p}_{key}.pt"
 
 
-def pretrain_teacher(p: int, cfg: DictConfig, backbone: DictConfig) -> tuple[PatchNet, dict]:
+def pretrain_teacher(
+    p: int, cfg: DictConfig, backbone: DictConfig, data: PretrainData
+) -> tuple[PatchNet, dict]:
     """Train the patch network of scale p on natural-image crops (a Lightning stage)."""
     t = cfg.teacher
     model, weights = create_classifier(str(backbone.name), str(backbone.weights))
@@ -343,7 +333,7 @@ def pretrain_teacher(p: int, cfg: DictConfig, backbone: DictConfig) -> tuple[Pat
     )
     method = Method(net, nn.Identity(), nn.Identity(), [stage])
     data = NaturalCrops(
-        ImageSource(crop_sources(cfg), int(t.max_side)),
+        ImageSource(crop_sources(cfg, data), int(t.max_side)),
         p,
         int(t.steps) * int(t.batch_size),
         t.crops,
@@ -378,29 +368,44 @@ def pretrain_teacher(p: int, cfg: DictConfig, backbone: DictConfig) -> tuple[Pat
     return net.net.cpu(), info
 
 
-def load_or_pretrain(p: int, cfg: DictConfig, backbone: DictConfig) -> tuple[PatchNet, dict]:
-    """The cached pretrained teacher of scale p, pretraining and caching it on a miss."""
-    path = teacher_path(p, cfg, backbone)
-    net = patch_net(p, cfg)
-    if loading_checkpoint():
-        return net, {"cache": "checkpoint", "path": str(path)}
+def pretrain_scale(p: int, cfg: DictConfig, backbone: DictConfig, data: PretrainData) -> Path:
+    """The cache file of the pretrained teacher of scale p, pretraining it on a miss."""
+    path = teacher_path(p, cfg, backbone, data)
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["state_dict"])
-        return net, {"cache": "hit", "path": str(path), **json.loads(saved["info"])}
+        return path
     # Its own random stream: a cache miss must not change the students' initialisation.
     with torch.random.fork_rng(devices=[]):
-        trained, info = pretrain_teacher(p, cfg, backbone)
+        trained, info = pretrain_teacher(p, cfg, backbone, data)
+    saved = {"state_dict": trained.state_dict(), "info": json.dumps(info)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": trained.state_dict(), "info": json.dumps(info)}, tmp)
+    torch.save(saved, tmp)
     os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
-    net.load_state_dict(trained.state_dict())
     log.info("us: saved the p=%d teacher to %s", p, path)
-    return net, {"cache": "miss", "path": str(path), **info}
+    return path
 
 
-def pretrain(cfg: DictConfig, backbone: DictConfig) -> dict[str, Path]:
-    """Pretrain (or find cached) teachers for every configured scale; their cache files by name
-    (``python -m stad.pretrain method=us``)."""
-    return {f"p{p}": Path(load_or_pretrain(int(p), cfg, backbone)[1]["path"]) for p in cfg.scales}
+def pretrain(cfg: DictConfig, backbone: DictConfig, data: PretrainData) -> dict[str, Path]:
+    """The method's pretraining step (stad.methods.pretrain_method; ``python -m stad.pretrain
+    method=us``): the cached teachers of every configured scale by name, pretrained on a miss."""
+    return {f"p{p}": pretrain_scale(int(p), cfg, backbone, data) for p in cfg.scales}
+
+
+def load_teacher(p: int, cfg: DictConfig, path: Path | None) -> tuple[PatchNet, dict]:
+    """The pretrained teacher of scale p from its cache file (``path``, from :func:`pretrain`);
+    an untrained network when a checkpoint will provide the weights (``path`` None).
+
+    Raises:
+        StadError: the cache file is missing.
+    """
+    net = patch_net(p, cfg)
+    if loading_checkpoint() or path is None:
+        return net, {"cache": "checkpoint"}
+    if not path.is_file():
+        raise StadError(
+            f"us: the pretrained p={p} teacher {path} is missing; pretrain it with "
+            "python -m stad.pretrain method=us (python -m stad does so itself)"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(saved["state_dict"])
+    return net, {"path": str(path), **json.loads(saved["info"])}

@@ -55,6 +55,7 @@ def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_every_level_gate_and_map_have_the_contract_shapes(backbone):
     channels, weights = BACKBONES[backbone]
@@ -209,6 +210,7 @@ def _fixed_amplify_loss(method, batch):
     return loss(method, batch)
 
 
+@pytest.mark.slow
 def test_one_step_of_each_stage_lowers_its_loss_and_trains_only_its_part(tiny_config):
     torch.manual_seed(0)
     cfg = tiny_config("method=aand", "method.synthesis.clean_probability=0")
@@ -258,6 +260,7 @@ def test_one_step_of_each_stage_lowers_its_loss_and_trains_only_its_part(tiny_co
 STEPS = 25
 
 
+@pytest.mark.slow
 def test_the_gate_learns_to_separate_synthetic_anomalies(tiny_config):
     torch.manual_seed(0)
     cfg = tiny_config("method=aand", "method.synthesis.clean_probability=0")
@@ -295,6 +298,7 @@ def test_the_gate_learns_to_separate_synthetic_anomalies(tiny_config):
         (["method.score=amplification"], ["amplify"], None),
     ],
 )
+@pytest.mark.slow
 def test_each_ablation_switch_builds_and_runs(tiny_config, switches, stages, keys):
     cfg = tiny_config("method=aand", *switches)
     method = build_method(cfg.method, cfg.backbone)
@@ -375,6 +379,7 @@ def test_config_composes_the_papers_defaults():
     assert sorted(scheduler.milestones) == [8, 9]
 
 
+@pytest.mark.slow
 def test_aand_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # 2 + 10 short epochs at 128 px, batch 4: measured image AUROC 0.77, pixel AUROC 0.95
     # (chance 0.5) with the official RAA init and BGR textures; raa_init=default with rgb

@@ -233,6 +233,7 @@ def test_teacher_nll_scorer_trains_only_the_flow(tiny_config):
     assert [s.name for s in method.stages] == ["teacher"]
 
 
+@pytest.mark.slow
 def test_later_epochs_and_the_student_stage_run_no_backbone_forward(tiny_config):
     cfg = tiny_config("method=ast", "backbone=tf_efficientnet_lite0", *SMALL)
     method = build_method(cfg.method, cfg.backbone)
@@ -266,6 +267,7 @@ def test_later_epochs_and_the_student_stage_run_no_backbone_forward(tiny_config)
     assert counts == [0, 3, 3, 3, 3, 3] and features.forward_passes == 3
 
 
+@pytest.mark.slow
 def test_ast_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # Stride-16 features (blocks[3]) give an 8×8 grid at 128 px; 20 epochs per stage.
     # Measured: image AUROC 0.94, pixel AUROC 0.96 in ~15 s (chance: 0.5).
@@ -292,6 +294,7 @@ def test_ast_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path)
     assert record["method_info"]["score_reduction"] == "max"
 
 
+@pytest.mark.slow
 def test_rgbd_smoke_run_on_the_fake_3d_dataset(tmp_path):
     synthetic3d = pytest.importorskip("stad.data.synthetic3d")
     synthetic3d.write_fake_mvtec3d(tmp_path / "mvtec3d", "bagel", size=64)
@@ -314,6 +317,7 @@ def test_rgbd_smoke_run_on_the_fake_3d_dataset(tmp_path):
     assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_disk_cache_key_fingerprints_the_loaded_weights(tiny_config, tmp_path):
     image = tmp_path / "a.png"
     image.write_bytes(b"x")

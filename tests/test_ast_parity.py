@@ -69,6 +69,7 @@ def test_b5_tf_same_padding_at_456_and_768_differs_only_at_two_strided_convs(b5_
     }
 
 
+@pytest.mark.slow
 def test_timm_b5_pads_dynamically_and_the_option_pads_as_at_456():
     model, _ = create_classifier("tf_efficientnet_b5", "random")
     features = BlockFeatures(model, 5)
@@ -127,6 +128,7 @@ def test_layers_that_pad_dynamically_in_other_ways_are_refused():
         apply_static_padding(torch.nn.Sequential(StdConv2dSame(3, 4, 3, stride=2)), 32)
 
 
+@pytest.mark.slow
 def test_the_ast_build_applies_the_option_and_keys_the_feature_cache_on_it(tiny_config):
     _, _, pads = feature_extractor("tf_efficientnet_b5", "random", 5, None, 456)
     assert [pads[n] for n in SHIFTED] == [(1, 1, 1, 1), (2, 2, 2, 2)]

@@ -25,6 +25,7 @@ def test_every_method_config_has_a_registered_builder_and_vice_versa():
 @pytest.mark.parametrize(
     ("dataset", "method"), list(itertools.product(_options("dataset"), _options("method")))
 )
+@pytest.mark.slow
 def test_every_combination_composes_and_resolves(dataset, method):
     for backbone in _options("backbone"):
         cfg = compose_config([f"dataset={dataset}", f"method={method}", f"backbone={backbone}"])

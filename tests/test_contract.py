@@ -142,6 +142,7 @@ def _toy_config(tiny_config, *overrides):
     return cfg
 
 
+@pytest.mark.slow
 def test_a_stage_measured_in_steps_steps_its_scheduler_per_step(tiny_config, toy, tmp_path):
     record = run(_toy_config(tiny_config), tmp_path / "run")
     stage = record["stages"][1]
@@ -150,6 +151,7 @@ def test_a_stage_measured_in_steps_steps_its_scheduler_per_step(tiny_config, toy
     assert [round(e["lr"], 6) for e in toy.log] == [0.5**k for k in range(7)]
 
 
+@pytest.mark.slow
 def test_the_auxiliary_stream_gives_each_step_a_batch_seeded_per_epoch(tiny_config, toy, tmp_path):
     run(_toy_config(tiny_config), tmp_path / "a")
     first = [e["stream"] for e in toy.log]
@@ -166,6 +168,7 @@ def test_the_auxiliary_stream_gives_each_step_a_batch_seeded_per_epoch(tiny_conf
     assert [e["stream"] for e in toy.log] != first
 
 
+@pytest.mark.slow
 def test_a_calibration_before_a_stage_sees_the_training_images_once(tiny_config, toy, tmp_path):
     record = run(_toy_config(tiny_config), tmp_path / "run")
     assert record["stages"][0] == {
@@ -236,6 +239,7 @@ def test_the_trainer_group_passes_lightning_options_through(tiny_config):
         lightning_options(tiny_config("+trainer.logger=false").trainer)
 
 
+@pytest.mark.slow
 def test_the_pretrain_command_serves_every_method():
     done = subprocess.run(
         [sys.executable, "-m", "stad.pretrain", "method=stfpm"],

@@ -95,6 +95,7 @@ def _trainer(**kw):
     return L.Trainer(**{**defaults, **kw})
 
 
+@pytest.mark.slow
 def test_only_the_stage_modules_train_and_frozen_batchnorm_keeps_its_statistics():
     method = _method()
     teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
@@ -113,6 +114,7 @@ def test_only_the_stage_modules_train_and_frozen_batchnorm_keeps_its_statistics(
     )
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error():
     method = _method(loss=partial(_loss, scale=float("nan")))
     module = StageModule(method, method.stages[0])
@@ -120,6 +122,7 @@ def test_nan_loss_stops_with_a_clear_error():
         _trainer(limit_val_batches=0).fit(module, DataLoader(_Images(), batch_size=4))
 
 
+@pytest.mark.slow
 def test_min_val_loss_selection_restores_the_best_epoch():
     method = _method(selection="min_val_loss")
     module = StageModule(method, method.stages[0])

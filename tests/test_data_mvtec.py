@@ -506,6 +506,7 @@ class _CountingModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("val_fraction", "expected"), [(0.0, (12, 0)), (0.25, (9, 3))])
 def test_lightning_fit_uses_the_held_out_split(val_fraction: float, expected: tuple) -> None:
     dm = AnomalyDataModule(_splits(12), batch_size=5, val_fraction=val_fraction)
@@ -534,6 +535,7 @@ def test_a_stage_may_drop_the_last_incomplete_training_batch():
     assert len(small.train_dataloader()) == 1
 
 
+@pytest.mark.slow
 def test_ast_stages_drop_the_last_batch_as_the_official_loaders(tiny_config):
     from stad.methods import build_method
 

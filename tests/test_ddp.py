@@ -113,6 +113,7 @@ def test_merged_examples_equal_what_one_process_keeps(keep):
         assert _summary(merged) == _summary(one)
 
 
+@pytest.mark.slow
 def test_strategies_that_cannot_run_stad_stop_with_a_fix(monkeypatch):
     with pytest.raises(StadError, match="trainer=ddp"):
         distributed.check_strategy("ddp_spawn", 2)

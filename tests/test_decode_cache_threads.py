@@ -83,6 +83,7 @@ def interpreter_pressure(parser: bool = True) -> Iterator[list[BaseException]]:
     [(8, True), (16, False)],
     ids=["8_threads_and_a_parser", "16_threads"],
 )
+@pytest.mark.slow
 def test_one_entry_from_many_threads(tmp_path: Path, threads: int, parser: bool) -> None:
     """8 x 200 reads beside an ``ast.parse`` loop; 16 x 100 reads racing only each other (the
     way the old format failed in the preload: 61 of 32 000 reads raised SystemError)."""

@@ -121,6 +121,7 @@ def test_config_composes_the_papers_defaults(backbone):
     assert compose_config(["dataset=mvtec", "method=dskd"]).backbone.name == "resnet18.tv_in1k"
 
 
+@pytest.mark.slow
 def test_dskd_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # 15 short epochs at 128 px, batch 8, lr 0.005 for the few steps: measured image AUROC 0.81,
     # pixel AUROC 0.93 (chance 0.5).

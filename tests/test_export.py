@@ -55,6 +55,7 @@ def _run_exported(path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(maps), torch.from_numpy(scores)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_the_export_reproduces_eager_maps_and_scores_on_the_test_images(
@@ -84,6 +85,7 @@ def test_the_export_reproduces_eager_maps_and_scores_on_the_test_images(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_an_export_that_differs_from_eager_mode_is_refused_and_not_written(
     trained, tmp_path, monkeypatch
 ):
@@ -110,6 +112,7 @@ def test_onnx_without_its_packages_names_the_extra(tmp_path, monkeypatch):
         export_run(tmp_path, "onnx")
 
 
+@pytest.mark.slow
 def test_without_the_runs_dataset_the_check_uses_input_or_stops(trained, tmp_path):
     loaded = load_run(trained.run_dir)
     cfg = loaded.config.copy()
@@ -126,6 +129,7 @@ def test_without_the_runs_dataset_the_check_uses_input_or_stops(trained, tmp_pat
     assert torch.equal(images[0], test[first_good]["image"])  # decoded like the dataset
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_to_overwrite_an_export(trained, tmp_path):
     (tmp_path / "model.pt").write_text("keep")
     args = [f"run={trained.run_dir}", "format=torchscript", f"output={tmp_path}"]
@@ -145,6 +149,7 @@ RANDOM_RESNET = ["backbone=resnet18", "backbone.weights=random"]
 BACKBONES = {"ast": ["backbone=tf_efficientnet_lite0"], "us": []}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_methods_inference_graph_traces_and_matches_eager_mode(name):
     backbone = BACKBONES.get(name, RANDOM_RESNET)

@@ -191,6 +191,7 @@ def test_skip_invalid_and_keep_latest_let_the_table_through(tmp_path, capsys):
     assert "left out" in err and "kept" in err
 
 
+@pytest.mark.slow
 def test_module_and_console_entry_points(tmp_path):
     _write(tmp_path, "a", _record())
     out = subprocess.run(

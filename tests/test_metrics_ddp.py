@@ -58,6 +58,7 @@ def _worker(rank: int, world_size: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path: Path) -> None:
     # forkserver: one clean process imports torch and torchmetrics once (~7 s on 2 cores) and
     # forks both workers from it. Plain fork from pytest can deadlock in OpenMP after earlier

@@ -26,6 +26,7 @@ def test_every_package_under_src_is_listed_in_pyproject():
     assert found | {"stad.conf"} == listed
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_from_any_directory(tmp_path):
     build = subprocess.run(
         [

@@ -35,6 +35,7 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_predicting_the_test_folder_reproduces_the_runs_scores_and_image_auroc(trained, tmp_path):
     out = tmp_path / "out"
     argv = [f"run={trained.run_dir}", f"input={trained.test_dir}", f"output={out}"]
@@ -75,6 +76,7 @@ def test_predicting_the_test_folder_reproduces_the_runs_scores_and_image_auroc(t
     ]
 
 
+@pytest.mark.slow
 def test_png16_maps_invert_to_the_float_maps_and_fixed_thresholds_decide(trained, tmp_path):
     good = trained.test_dir / "good"
     loaded = load_run(trained.run_dir)
@@ -192,6 +194,7 @@ def test_user_errors_exit_2_with_one_message(trained, tmp_path, capsys):
     assert "labelled=" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_method_that_reads_depth_is_refused(tmp_path, capsys):
     cfg = compose_config(
         [

@@ -130,6 +130,7 @@ def test_config_composes_the_papers_defaults(backbone):
     assert compose_config(["dataset=mvtec", "method=rd"]).backbone.name == "wide_resnet50_2.tv_in1k"
 
 
+@pytest.mark.slow
 def test_rd_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # 15 short epochs at 128 px, batch 4: measured image AUROC 0.89, pixel AUROC 0.92 (chance 0.5).
     cfg = tiny_config(

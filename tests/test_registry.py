@@ -39,6 +39,7 @@ def test_every_method_gives_maps_at_input_resolution_and_one_score_per_image(nam
     assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_stage_of_every_method_learns_and_touches_only_what_it_trains(name, cache):
     cfg = tiny_method_config(name, cache)

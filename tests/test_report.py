@@ -308,6 +308,7 @@ def test_report_replaces_the_old_page_atomically(tmp_path):
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "headless_shell")
 
 
+@pytest.mark.slow
 def test_a_headless_browser_renders_the_report(report, tmp_path):
     browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
     if browser is None:

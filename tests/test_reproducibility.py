@@ -15,6 +15,7 @@ def _overrides(method: str, tmp_path) -> list[str]:
     return [f"method={method}", "trainer.max_steps=3", "dataset.category=object", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["aand", "us"])
 def test_same_seed_same_metrics(method, tiny_config, tmp_path):
     cfg = tiny_config(*_overrides(method, tmp_path))
@@ -26,6 +27,7 @@ def test_same_seed_same_metrics(method, tiny_config, tmp_path):
         assert other["metrics"] != first["metrics"]
 
 
+@pytest.mark.slow
 def test_the_record_holds_what_a_rerun_needs(tiny_config, tmp_path):
     record = run(tiny_config(), tmp_path / "run")
     assert record["config"]["method"]["name"] == "stfpm" and record["config"]["seed"] == 0

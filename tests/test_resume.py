@@ -48,6 +48,7 @@ def kill_at_step(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_metrics(
     tiny_config, tmp_path, kill_at_step
 ):
@@ -71,6 +72,7 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_metrics(
     assert not (tmp_path / "killed" / resume.CHECKPOINT_DIR).exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(tiny_config, tmp_path, kill_at_step):
     kill_at_step(1)
     with pytest.raises(KilledError):
@@ -80,6 +82,7 @@ def test_resume_refuses_another_config(tiny_config, tmp_path, kill_at_step):
         run(other, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_restarted_sweep_resumes_its_unfinished_run(tiny_config, tmp_path, kill_at_step):
     cfg = tiny_config(*RESUMABLE)
     kill_at_step(KILL_AT_STEP)

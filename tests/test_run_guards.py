@@ -12,6 +12,7 @@ from stad.results import RECORD_NAME
 from stad.run import run
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_directory_stops_before_any_work(tiny_config, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -22,6 +23,7 @@ def test_an_unwritable_run_directory_stops_before_any_work(tiny_config, tmp_path
     assert not started
 
 
+@pytest.mark.slow
 def test_images_smaller_than_the_total_stride_are_refused(tiny_config, tmp_path):
     cfg = tiny_config("method=rd", "image_size=8")
     with pytest.raises(StadError, match=r"image_size=8 is smaller than the total stride \d+"):
@@ -32,6 +34,7 @@ def test_images_smaller_than_the_total_stride_are_refused(tiny_config, tmp_path)
 @pytest.mark.parametrize(
     "error", [torch.cuda.OutOfMemoryError("CUDA out of memory"), MemoryError()]
 )
+@pytest.mark.slow
 def test_out_of_memory_names_the_settings_that_use_less(tiny_config, tmp_path, monkeypatch, error):
     def explode(*args, **kwargs):
         raise error
@@ -45,6 +48,7 @@ def test_out_of_memory_names_the_settings_that_use_less(tiny_config, tmp_path, m
     assert not (tmp_path / "run" / RECORD_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_names_method_stage_epoch_step_and_fixes(tiny_config, tmp_path):
     cfg = tiny_config("method=rd", "method.stages.distill.optimizer.lr=1e30")
     with pytest.raises(TrainingError) as caught:
@@ -70,6 +74,7 @@ def test_a_diverging_loss_names_method_stage_epoch_step_and_fixes(tiny_config, t
         (["threshold.method=fixed"], "threshold.image"),
     ],
 )
+@pytest.mark.slow
 def test_threshold_settings_are_checked_before_training(
     tiny_config, tmp_path, monkeypatch, overrides, words
 ):
@@ -80,6 +85,7 @@ def test_threshold_settings_are_checked_before_training(
     assert not started
 
 
+@pytest.mark.slow
 def test_run_files_are_readable_by_the_team(tiny_config, tmp_path):
     run(tiny_config(), tmp_path / "run")
     for name in (RECORD_NAME, "model.safetensors", "report.html"):

@@ -63,6 +63,7 @@ def test_one_optimisation_step_lowers_the_loss_and_moves_only_the_student(tiny_c
     assert_steps_lower_the_loss(method, pyramid_loss, opt, random_batch(n=4))
 
 
+@pytest.mark.slow
 def test_stfpm_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path):
     # 15 short epochs at 128 px: measured image AUROC 0.96, pixel AUROC 0.91 (chance: 0.5).
     cfg = tiny_config(
@@ -75,6 +76,7 @@ def test_stfpm_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_pat
     assert record["stages"][0]["selection"] == "min_val_loss"
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(tiny_config, tmp_path):
     cfg = tiny_config("trainer.deterministic=true", "trainer.max_steps=3")
     first = run(cfg, tmp_path / "a")

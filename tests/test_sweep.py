@@ -106,6 +106,7 @@ def test_summary_names_jobs_by_what_varies_and_files_each_outcome():
     assert summary.lines()[0] == "sweep: 3 jobs: 1 ran, 0 already done, 1 skipped, 1 failed"
 
 
+@pytest.mark.slow
 def test_config_hash_ignores_where_and_how_verbosely_but_not_what():
     base = compose_config([])
     same = compose_config(["output_root=/elsewhere", "trainer.enable_progress_bar=false"])
@@ -131,6 +132,7 @@ def test_previous_run_is_found_only_with_a_complete_matching_record(tmp_path):
 
 
 # -- whole sweeps -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_joblib_sweep_over_methods_categories_and_seeds_then_leaderboard_and_resume(tmp_path):
     args = [
         "hydra/launcher=joblib",
@@ -162,6 +164,7 @@ def test_joblib_sweep_over_methods_categories_and_seeds_then_leaderboard_and_res
     assert len(_summary(tmp_path)["exists"]) == 4
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_restarted_completes_only_the_missing_runs(tmp_path):
     args = ["method=stfpm", "seed=0,1,2"]
     proc = _sweep(
@@ -188,6 +191,7 @@ def test_a_killed_sweep_restarted_completes_only_the_missing_runs(tmp_path):
     assert len(summary["done"]) == 3 - len(done_before)
 
 
+@pytest.mark.slow
 def test_category_all_and_incompatible_jobs_skipped_with_a_reason_and_failures_not_fatal(
     tmp_path,
 ):
@@ -216,6 +220,7 @@ def test_category_all_and_incompatible_jobs_skipped_with_a_reason_and_failures_n
     assert "some jobs failed" in out.stderr
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     out = _sweep(tmp_path, "hydra/launcher=submitit_local", "method=stfpm")

@@ -86,6 +86,7 @@ def test_counts_equal_a_direct_count_over_batches():
     assert result["pixel"]["test_pixels"]["fpr"] == pytest.approx(float(fpr))
 
 
+@pytest.mark.slow
 def test_a_run_chooses_thresholds_on_held_out_normals_and_reports_them(tiny_config, tmp_path):
     record = run(tiny_config("method=rd", "threshold.val_fraction=0.25"), tmp_path / "run")
     image, pixel = record["thresholds"]["image"], record["thresholds"]["pixel"]
@@ -96,6 +97,7 @@ def test_a_run_chooses_thresholds_on_held_out_normals_and_reports_them(tiny_conf
     assert (tmp_path / "run" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_fixed_thresholds_are_taken_as_given(tiny_config, tmp_path):
     cfg = tiny_config("method=rd", "threshold.method=fixed", "threshold.image=0.5")
     record = run(cfg, tmp_path / "run")

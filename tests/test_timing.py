@@ -87,6 +87,7 @@ def test_budget_stops_after_one_call() -> None:
     assert speed.ms_per_image_batch1 == pytest.approx(50.0, rel=2.0)
 
 
+@pytest.mark.slow
 def test_a_run_records_its_inference_speed_and_keeps_nhwc_for_cuda(tiny_config, tmp_path):
     from stad.run import run, use_channels_last
 

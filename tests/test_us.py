@@ -129,6 +129,7 @@ def test_pretraining_loss_is_the_papers_weighted_sum_term_by_term():
     torch.testing.assert_close(got["distill"], l_k.detach())
 
 
+@pytest.mark.slow
 def test_student_loss_regresses_the_standardised_teacher_term_by_term(us_config):
     # Paper: each student S_i minimises the mean over pixels of ‖S_i − (y − μ)/σ‖², with μ, σ
     # the per-channel statistics of the teacher's descriptors on the training images.
@@ -164,6 +165,7 @@ def _train_files(cfg):
     return PretrainData(train_files=lambda: training_files(build_dataset(cfg.dataset, 32)))
 
 
+@pytest.mark.slow
 def test_pretrained_teachers_are_cached_by_their_settings(us_config, tmp_path):
     cfg = us_config("method.scales=[17]", f"method.teacher.cache_dir={tmp_path}")
     data = _train_files(cfg)
@@ -223,6 +225,7 @@ def test_pretraining_crops_come_from_natural_images_only_unless_asked(us_config,
         usp.crop_sources(empty.method, PretrainData())
 
 
+@pytest.mark.slow
 def test_descriptor_statistics_normalise_and_one_student_step_lowers_the_loss(us_config):
     torch.manual_seed(0)
     cfg = us_config("method.scales=[17,33]")
@@ -259,6 +262,7 @@ def test_config_composes_the_papers_defaults():
     assert cfg.backbone.name == "resnet18.tv_in1k"
 
 
+@pytest.mark.slow
 def test_us_detects_defects_and_standardises_on_normal_validation_images_only(
     us_config, tmp_path, monkeypatch
 ):

@@ -76,6 +76,7 @@ def test_the_validation_set_comes_from_training_images_never_the_test_set(tiny_c
     assert len(originals) == len(module.val_dataset) == 8
 
 
+@pytest.mark.slow
 def test_a_run_with_an_objective_returns_its_validation_metric(tiny_config, tmp_path):
     cfg = tiny_config("trainer.num_threads=1", "objective=pixel_auroc", "image_size=64")
     value = run_job(cfg, tmp_path / "run", multirun=False)
@@ -88,6 +89,7 @@ def test_a_run_with_an_objective_returns_its_validation_metric(tiny_config, tmp_
         objective_value(record, "test_auroc")
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_searches_on_the_validation_objective(tmp_path, data_cache):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     out = subprocess.run(

@@ -203,7 +203,7 @@ class Stage:
                 f"epochs={self.epochs}, steps={self.steps}"
             )
         length = self.epochs if self.steps is None else self.steps
-        if int(length) < 1:
+        if length is None or int(length) < 1:
             unit = "epochs" if self.steps is None else "steps"
             raise StadError(f"stage {self.name}: {unit}={length}; train at least 1")
         if self.scheduler_interval not in SCHEDULER_INTERVALS:

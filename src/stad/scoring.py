@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -225,7 +225,8 @@ def iter_scored(
                 yield ScoredBatch([], torch.empty(0), torch.empty(0), torch.empty(0), [], skipped)
                 continue
             # Exactly AnomalyDataset.__getitem__: uint8 → float32, then / 255.
-            images = torch.from_numpy(np.stack([d.image for d in good])).to(torch.float32)
+            images = torch.from_numpy(np.stack([cast(np.ndarray, d.image) for d in good]))
+            images = images.to(torch.float32)
             images.div_(255.0)
             with torch.inference_mode():
                 maps, scores = method({"image": images.to(device)})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig
 
@@ -33,7 +33,7 @@ def category_name(category: object) -> str:
     return f"{category:02d}" if isinstance(category, int) else str(category)
 
 
-def _folders(cfg: DictConfig) -> dict[str, object]:
+def _folders(cfg: DictConfig) -> dict[str, Any]:
     """The folder dataset's layout keys."""
     keys = ("normal_dir", "normal_test_dir", "abnormal_dir", "mask_dir", "mask_rule")
     return {k: cfg[k] for k in keys if k in cfg}
@@ -157,7 +157,7 @@ def _mvtec3d_layout(cfg: DictConfig) -> LayoutReport:
         "MVTec 3D-AD",
         Path(cfg.root).expanduser() / cfg.category,
         expected,
-        lambda: dict(zip(splits, scan_mvtec3d(cfg.root, cfg.category), strict=True)),
+        lambda: dict(zip(splits, cast(Any, scan_mvtec3d(cfg.root, cfg.category)), strict=True)),
     )
 
 

@@ -84,7 +84,7 @@ class AnomalyDataModule(L.LightningDataModule):
             self._val_source = "the dataset's own validation split (normal images)"
         else:
             train_idx, val_idx = split_indices(
-                len(splits.train), val_fraction, seed, split_rule, split_random_state
+                _size(splits.train), val_fraction, seed, split_rule, split_random_state
             )
             self._train = Subset(splits.train, train_idx)
             self._val = Subset(splits.train, val_idx)
@@ -110,10 +110,10 @@ class AnomalyDataModule(L.LightningDataModule):
         """The splits' summary plus the validation rule, for the run record."""
         return {
             **self.splits.info,
-            "n_fit": len(self._train),
-            "n_val": len(self._val),
+            "n_fit": _size(self._train),
+            "n_val": _size(self._val),
             "val_fraction": self.val_fraction,
-            "val_source": self._val_source if len(self._val) else "none",
+            "val_source": self._val_source if _size(self._val) else "none",
             "split_seed": self.seed,
             "split_rule": self.split_rule,
             "split_random_state": self.split_random_state,
@@ -125,12 +125,13 @@ class AnomalyDataModule(L.LightningDataModule):
         # A training set smaller than one batch keeps its only batch: zero steps would train
         # nothing.
         sampler = train_sampler(self._train, self.seed)
-        drop_last = self.drop_last_train and len(sampler) >= self.batch_size  # this process's share
+        # This process's share decides.
+        drop_last = self.drop_last_train and _size(sampler) >= self.batch_size
         return self._loader(self._train, self.batch_size, sampler=sampler, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader | list:
         # Lightning skips validation for an empty list; None would be rejected.
-        if len(self._val) == 0:
+        if _size(self._val) == 0:
             return []
         # Every process sees every validation image, even under DDP: a stage's weight selection
         # and a method's calibration statistics must not depend on the number of processes.
@@ -232,3 +233,8 @@ def split_indices(
 def _check_range(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise StadError(f"{name}={value!r} must be an integer >= {minimum}; fix it in the config.")
+
+
+def _size(items: Any) -> int:
+    """``len`` of a Dataset or Sampler (torch types them without ``__len__``)."""
+    return len(items)

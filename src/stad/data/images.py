@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -57,7 +58,11 @@ def as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
         DatasetError: The size is not one or two positive integers.
     """
     try:
-        values = [image_size] * 2 if isinstance(image_size, Integral) else list(image_size)
+        values = (
+            [int(image_size)] * 2
+            if isinstance(image_size, Integral)
+            else list(cast(Sequence[int], image_size))
+        )
     except TypeError:
         values = []
     valid = len(values) == 2 and all(
@@ -322,15 +327,15 @@ def resize_mask_by_rule(binary: np.ndarray, size_hw: tuple[int, int], rule: str)
         import torch.nn.functional as F
 
         source = torch.from_numpy(binary.astype(np.float64) * 255.0)[None, None]
-        levels = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
-        return (levels[0, 0].numpy() >= 0.5).astype(np.uint8)
+        resized = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
+        return (resized[0, 0].numpy() >= 0.5).astype(np.uint8)
     if rule == "bilinear_positive":
         import torch
         import torch.nn.functional as F
 
         source = torch.from_numpy(binary.astype(np.float32) * 255.0)[None, None]
-        levels = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
-        return (levels[0, 0].numpy() > 0).astype(np.uint8)
+        resized = F.interpolate(source, size=size_hw, mode="bilinear", align_corners=False)
+        return (resized[0, 0].numpy() > 0).astype(np.uint8)
     raise DatasetError(
         f"Unknown mask rule {rule!r}; set eval_protocol.mask_rule to one of "
         f"{', '.join(MASK_RULES)}."

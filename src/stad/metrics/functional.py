@@ -580,7 +580,7 @@ def curve_from_scores(
     else:
         # Mass at or above each sorted position: a reversed cumulative sum, 0 past the end.
         above = np.r_[np.cumsum(weights[order][::-1])[::-1], 0.0]
-        y = above[first] / float(total)
+        y = above[first] / float(anomalous.size if total is None else total)
     return np.r_[0.0, fp / normal.size], np.r_[0.0, y]
 
 

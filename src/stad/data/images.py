@@ -58,8 +58,9 @@ def as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
         DatasetError: The size is not one or two positive integers.
     """
     try:
+        # Not int(): a bool is an Integral and must stay recognisable to be refused below.
         values = (
-            [int(image_size)] * 2
+            [cast(int, image_size)] * 2
             if isinstance(image_size, Integral)
             else list(cast(Sequence[int], image_size))
         )

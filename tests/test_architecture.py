@@ -84,6 +84,16 @@ def test_no_import_against_the_layers(module, forbidden):
     assert forbidden not in GRAPH[module], f"{module} imports {forbidden}"
 
 
+def test_every_command_takes_key_value_options_never_argparse():
+    # One CLI style: Hydra's overrides, or stad.cli's parser in the same key=value form.
+    argparse_users = [
+        m for m, f in MODULES.items() if "argparse" in _imports(ast.parse(f.read_text()))
+    ]
+    assert not argparse_users, f"parsing with argparse: {argparse_users}"
+    for command in ("stad.predict", "stad.export", "stad.leaderboard"):
+        assert "stad.cli" in GRAPH[command], command
+
+
 def test_thresholds_live_in_one_module():
     # run and predict both take their threshold policies from stad.thresholds.
     assert "stad.thresholds" in GRAPH["stad.run"] and "stad.thresholds" in GRAPH["stad.predict"]

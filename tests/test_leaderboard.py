@@ -85,7 +85,7 @@ def test_one_row_per_experiment_with_mean_and_std_over_seeds_and_a_dataset_mean(
         _write(
             tmp_path, f"{category}{seed}", _record(category=category, seed=seed, metrics=metrics)
         )
-    rows = {r["category"]: r for r in _table(str(tmp_path))}
+    rows = {r["category"]: r for r in _table(f"runs={tmp_path}")}
     assert set(rows) == {"bottle", "cable", "mean"}
     bottle = rows["bottle"]
     assert float(bottle["image_auroc"]) == pytest.approx(0.92)
@@ -106,7 +106,7 @@ def test_swept_parameters_and_code_revisions_are_never_averaged_together(tmp_pat
     _write(tmp_path, "a", _record(lr=0.4, seed=0))
     _write(tmp_path, "b", _record(lr=0.1, seed=0))
     _write(tmp_path, "c", _record(lr=0.4, seed=1, revision="b" * 40))
-    rows = [r for r in _table(str(tmp_path)) if r["category"] == "bottle"]
+    rows = [r for r in _table(f"runs={tmp_path}") if r["category"] == "bottle"]
     assert sorted((r["params"], r["revision"], r["n_seeds"]) for r in rows) == [
         ("method.lr=0.1", "a" * 12, "1"),
         ("method.lr=0.4", "a" * 12, "1"),
@@ -117,7 +117,7 @@ def test_swept_parameters_and_code_revisions_are_never_averaged_together(tmp_pat
 
 def test_paper_numbers_and_differences_on_the_dataset_mean_row(tmp_path):
     _write(tmp_path, "a", _record(method="rd", metrics=(0.99, 0.98, 0.95)))
-    rows = {r["category"]: r for r in _table(str(tmp_path), "--paper")}
+    rows = {r["category"]: r for r in _table(f"runs={tmp_path}", "paper=true")}
     mean = rows["mean"]
     assert float(mean["paper_image_auroc"]) == pytest.approx(0.985)
     assert float(mean["diff_image_auroc"]) == pytest.approx(0.99 - 0.985)
@@ -138,7 +138,7 @@ def test_markdown_shows_mean_plus_minus_std(tmp_path):
     _write(tmp_path, "a", _record(seed=0, metrics=(0.9, 0.9, 0.9)))
     _write(tmp_path, "b", _record(seed=1, metrics=(0.8, 0.9, 0.9)))
     out = tmp_path / "board.md"
-    assert main([str(tmp_path), "--format", "md", "--out", str(out)]) == 0
+    assert main([f"runs={tmp_path}", "format=md", f"out={out}"]) == 0
     text = out.read_text()
     assert text.startswith("| dataset | category |")
     assert "0.8500 ± 0.0707" in text
@@ -148,9 +148,9 @@ def test_markdown_shows_mean_plus_minus_std(tmp_path):
     ("setup", "words"),
     [
         ("empty", ["no run records"]),
-        ("corrupt", ["cannot read", "--skip-invalid"]),
+        ("corrupt", ["cannot read", "skip_invalid=true"]),
         ("partial", ["partial record", "metrics"]),
-        ("duplicate", ["more than one record", "--keep-latest"]),
+        ("duplicate", ["more than one record", "keep_latest=true"]),
         ("missing_dir", ["does not exist"]),
     ],
 )
@@ -172,7 +172,7 @@ def test_bad_input_stops_with_a_clear_message_and_writes_nothing(tmp_path, capsy
     target = runs if setup != "missing_dir" else tmp_path / "nowhere"
     out = tmp_path / "board.csv"
     out.write_text("previous table\n")
-    assert main([str(target), "--out", str(out)]) == 2
+    assert main([f"runs={target}", f"out={out}"]) == 2
     err = capsys.readouterr().err
     for word in words:
         assert word in err
@@ -185,7 +185,7 @@ def test_skip_invalid_and_keep_latest_let_the_table_through(tmp_path, capsys):
     _write(tmp_path, "new", _record(metrics=(0.9, 0.9, 0.9), created="2026-02-01T00:00:00+00:00"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / RECORD_NAME).write_text("not json")
-    rows = _table(str(tmp_path), "--skip-invalid", "--keep-latest")
+    rows = _table(f"runs={tmp_path}", "skip_invalid=true", "keep_latest=true")
     assert float(rows[0]["image_auroc"]) == pytest.approx(0.9)
     err = capsys.readouterr().err
     assert "left out" in err and "kept" in err
@@ -195,7 +195,7 @@ def test_skip_invalid_and_keep_latest_let_the_table_through(tmp_path, capsys):
 def test_module_and_console_entry_points(tmp_path):
     _write(tmp_path, "a", _record())
     out = subprocess.run(
-        [sys.executable, "-m", "stad.leaderboard", str(tmp_path)],
+        [sys.executable, "-m", "stad.leaderboard", f"runs={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -233,7 +233,7 @@ def test_plot_writes_one_png_per_metric_with_a_bar_group_per_method(tmp_path, ca
     runs = tmp_path / "runs"
     _plot_runs(runs)
     out = tmp_path / "board.csv"
-    assert main([str(runs), "--out", str(out), "--plot"]) == 0
+    assert main([f"runs={runs}", f"out={out}", "plot=true"]) == 0
     plots = tmp_path / "board_plots"
     names = sorted(p.name for p in plots.iterdir())
     assert names == [f"mvtec_{m}.png" for m in ("image_auroc", "pixel_auroc", "pro", "spro")]
@@ -283,10 +283,10 @@ def test_plot_labels_series_by_backbone_only_when_several_and_needs_a_folder(tmp
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert [c.get_label() for c in bars] == ["stfpm resnet18", "stfpm wide_resnet50_2"]
     assert not [c for c in ax.containers if not isinstance(c, BarContainer)]  # one seed
-    # --plot without a folder needs --out to put the plots beside it
-    assert main([str(tmp_path / "runs"), "--plot"]) == 2
-    assert "--plot DIR" in capsys.readouterr().err
-    assert main([str(tmp_path / "runs"), "--plot", str(tmp_path / "figs")]) == 0
+    # plot=true needs out= to put the plots beside it
+    assert main([f"runs={tmp_path / 'runs'}", "plot=true"]) == 2
+    assert "plot=<folder>" in capsys.readouterr().err
+    assert main([f"runs={tmp_path / 'runs'}", f"plot={tmp_path / 'figs'}"]) == 0
     assert len(list((tmp_path / "figs").glob("*.png"))) == 3
     assert not list((tmp_path / "figs").glob(".*"))  # no temporary file left
 
@@ -321,7 +321,7 @@ def test_failed_runs_are_listed_apart_and_never_averaged(tmp_path, capsys):
     # failed once in another folder, then finished elsewhere (same config hash): finished
     _fail(runs, "s0-first-try", _record(seed=0))
     out = tmp_path / "board.csv"
-    assert main([str(runs), "--out", str(out)]) == 0
+    assert main([f"runs={runs}", f"out={out}"]) == 0
     rows = {r["category"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"bottle", "mean"}  # the failed cable run makes no row
     assert rows["bottle"]["seeds"] == "0 1 3"
@@ -340,7 +340,7 @@ def test_failed_runs_are_listed_apart_and_never_averaged(tmp_path, capsys):
     # once they are retried with success, the stale list goes
     for name, category, seed in (("s2", "bottle", 2), ("cable", "cable", 0)):
         _write(runs, name, _record(category=category, seed=seed))
-    assert main([str(runs), "--out", str(out)]) == 0
+    assert main([f"runs={runs}", f"out={out}"]) == 0
     assert not (tmp_path / "board_failed.csv").exists()
     assert "no failed runs" in capsys.readouterr().err
 
@@ -353,7 +353,7 @@ def test_failed_runs_on_stderr_when_printing_and_in_the_error_when_nothing_finis
     _fail(runs, "bad", _record(seed=1))
     (runs / "junk").mkdir()
     (runs / "junk" / "failed.json").write_text("{not json")
-    table = _table(str(runs))
+    table = _table(f"runs={runs}")
     assert [r["n_seeds"] for r in table] == ["1", "1"]
     err = capsys.readouterr().err
     assert "2 failed runs (not in the table):" in err
@@ -363,7 +363,7 @@ def test_failed_runs_on_stderr_when_printing_and_in_the_error_when_nothing_finis
     only = tmp_path / "only"
     _fail(only, "bad", _record(seed=1))
     out = tmp_path / "board.csv"
-    assert main([str(only), "--out", str(out)]) == 2
+    assert main([f"runs={only}", f"out={out}"]) == 2
     err = capsys.readouterr().err
     assert "no run records" in err and "1 runs failed" in err and "CUDA out of memory" in err
     assert not out.exists() and not (tmp_path / "board_failed.csv").exists()
@@ -378,7 +378,7 @@ def test_paper_rows_per_category_say_whether_the_setting_is_the_papers(tmp_path)
     paper_like["config"]["image_size"] = 256
     paper_like["config_hash"] = config_hash(paper_like["config"])
     _write(tmp_path / "paper", "a", paper_like)
-    rows = _table(str(tmp_path / "paper"), "--paper")
+    rows = _table(f"runs={tmp_path / 'paper'}", "paper=true")
     bottle = next(r for r in rows if r["category"] == "bottle")
     assert float(bottle["paper_image_auroc"]) == pytest.approx(1.0)
     assert float(bottle["diff_pixel_auroc"]) == pytest.approx(0.98 - 0.987894)
@@ -392,8 +392,20 @@ def test_paper_rows_per_category_say_whether_the_setting_is_the_papers(tmp_path)
     other["config_hash"] = config_hash(other["config"])
     _write(tmp_path / "other", "a", other)
     bottle = next(
-        r for r in _table(str(tmp_path / "other"), "--paper") if r["category"] == "bottle"
+        r for r in _table(f"runs={tmp_path / 'other'}", "paper=true") if r["category"] == "bottle"
     )
     assert "backbone resnet18 (paper resnet18.tv_in1k)" in bottle["comparable"]
     assert "128 px (paper 256)" in bottle["comparable"]
     assert "distill 10 epochs (paper 100)" in bottle["comparable"]
+
+
+def test_the_leaderboard_takes_key_value_options_like_every_stad_command(tmp_path, capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "usage: python -m stad.leaderboard key=value" in text
+    assert all(k in text for k in ("runs", "out", "format", "paper", "plot_groups"))
+    # The old argparse spelling gets one message naming the key=value form.
+    assert main([str(tmp_path), "--paper"]) == 2
+    assert "is not key=value" in capsys.readouterr().err
+    assert main(["format=md"]) == 2
+    assert "missing runs=..." in capsys.readouterr().err

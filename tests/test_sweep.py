@@ -148,7 +148,7 @@ def test_joblib_sweep_over_methods_categories_and_seeds_then_leaderboard_and_res
     assert len({r["config_hash"] for r in records}) == 4
 
     table = tmp_path / "board.csv"
-    assert leaderboard([str(tmp_path / "out"), "--out", str(table)]) == 0
+    assert leaderboard([f"runs={tmp_path / 'out'}", f"out={table}"]) == 0
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     keys = sorted((r["category"], r["method"]) for r in rows)
     expected = [(c, "stfpm") for c in ("mean", "object", "texture")]

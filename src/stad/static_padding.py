@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +94,10 @@ class StaticSamePool2d(nn.Module):
     def __init__(self, pool: nn.MaxPool2d | nn.AvgPool2d, pad: Pad) -> None:
         super().__init__()
         self.is_max = isinstance(pool, nn.MaxPool2d)
-        self.kernel_size = _pair(pool.kernel_size)  # type: ignore[arg-type]
-        self.stride = _pair(pool.stride)  # type: ignore[arg-type]
+        self.kernel_size = _pair(pool.kernel_size)
+        self.stride = _pair(pool.stride)
         self.ceil_mode = bool(pool.ceil_mode)
-        self.dilation = _pair(pool.dilation) if self.is_max else (1, 1)  # type: ignore[union-attr]
+        self.dilation = _pair(cast(nn.MaxPool2d, pool).dilation) if self.is_max else (1, 1)
         self.count_include_pad = bool(getattr(pool, "count_include_pad", True))
         self.static_pad: Pad = tuple(int(p) for p in pad)  # type: ignore[assignment]
 
@@ -146,8 +147,8 @@ def input_sizes(
     layers = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
     def record(name: str, layer: nn.Module, args: tuple[Tensor, ...]) -> None:
-        seen = tuple(int(n) for n in args[0].shape[-2:])
-        if sizes.setdefault(name, seen) != seen:  # type: ignore[arg-type]
+        seen = cast(tuple[int, int], tuple(int(n) for n in args[0].shape[-2:]))
+        if sizes.setdefault(name, seen) != seen:
             raise StadError(f"static padding: layer {name} runs on several input sizes")
 
     handles = [
@@ -162,16 +163,16 @@ def input_sizes(
     finally:
         for handle in handles:
             handle.remove()
-    return sizes  # type: ignore[return-value]
+    return sizes
 
 
 def _geometry(layer: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(kernel, stride, dilation) of a conv or pool layer."""
     dilation = getattr(layer, "dilation", 1)
     return (
-        _pair(layer.kernel_size),  # type: ignore[arg-type]
-        _pair(layer.stride),  # type: ignore[arg-type]
-        _pair(dilation),  # type: ignore[arg-type]
+        _pair(cast("int | Sequence[int]", layer.kernel_size)),
+        _pair(cast("int | Sequence[int]", layer.stride)),
+        _pair(dilation),
     )
 
 
@@ -191,14 +192,16 @@ def applied_padding(
         if isinstance(layer, (StaticSameConv2d, StaticSamePool2d)):
             pad = layer.static_pad
         elif is_dynamic_same(layer):
-            pad = tuple(pad_same_arg(list(seen), list(kernel), list(stride), list(dilation)))
+            pad = cast(
+                Pad, tuple(pad_same_arg(list(seen), list(kernel), list(stride), list(dilation)))
+            )
         elif isinstance(layer.padding, str):  # nn.Conv2d(padding="same"): stride 1, symmetric
             pad = tf_same_padding(seen, kernel, stride, dilation)
         else:
-            ph, pw = _pair(layer.padding)  # type: ignore[arg-type]
+            ph, pw = _pair(layer.padding)
             pad = (pw, pw, ph, ph)
         if any(pad):
-            pads[name] = pad  # type: ignore[assignment]
+            pads[name] = pad
     return pads
 
 
@@ -260,7 +263,7 @@ def apply_static_padding(
         if isinstance(layer, nn.Conv2d):
             static = StaticSameConv2d(layer, pad)
         else:
-            static = StaticSamePool2d(layer, pad)  # type: ignore[arg-type]
+            static = StaticSamePool2d(layer, pad)
         _replace(module, name, static)
         pads[name] = pad
     return pads

@@ -114,6 +114,8 @@ class GaussianBlur(nn.Module):
     than the kernel's radius).
     """
 
+    kernel: Tensor  # buffer (register_buffer)
+
     def __init__(self, sigma: float, truncate: float = 4.0, border: str = "reflect") -> None:
         super().__init__()
         if border not in BLUR_BORDERS:

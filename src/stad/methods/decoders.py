@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -68,7 +68,7 @@ def resnet_layout(name: str) -> ResNetLayout:
         model = timm.create_model(arch, pretrained=False)
     if not isinstance(model, ResNet):
         return GENERIC_LAYOUT
-    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    stages = cast(list[nn.Sequential], [model.layer1, model.layer2, model.layer3, model.layer4])
     first = stages[0][0]
     if isinstance(first, Bottleneck):
         width_ratio = first.conv1.out_channels / (first.conv3.out_channels / 4)

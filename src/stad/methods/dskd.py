@@ -14,7 +14,7 @@ documented in docs/methods.md.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
@@ -84,7 +84,7 @@ def dskd_distance(t: Tensor, s: Tensor, lam: float = 0.1, power: float = 2.0) ->
 def dual_student_loss(method: Method, batch: Batch, lam: float, power: float) -> dict[str, Tensor]:
     """L_e + L_d, each the mean over levels of the spatial mean of M^k."""
     targets = method.teacher(batch)
-    encoded, decoded = method.student.both(batch, targets)
+    encoded, decoded = cast(DualStudent, method.student).both(batch, targets)
 
     def student_loss(preds: Features) -> Tensor:
         levels = [

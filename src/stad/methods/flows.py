@@ -10,6 +10,7 @@ per-position log-scales.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -103,6 +104,9 @@ class ChannelPermutation(nn.Module):
     draws it with ``np.random.seed(seed)``.
     """
 
+    perm: Tensor  # buffers (register_buffer)
+    inv: Tensor
+
     def __init__(self, channels: int, seed: int) -> None:
         super().__init__()
         perm = torch.from_numpy(np.random.RandomState(seed).permutation(channels))
@@ -154,7 +158,9 @@ class ConditionalFlow(nn.Module):
         for perm, coupling in zip(
             reversed(self.permutations), reversed(self.couplings), strict=True
         ):
-            z = perm.inverse(coupling.inverse(z, cond))
+            z = cast(ChannelPermutation, perm).inverse(
+                cast(AffineCoupling, coupling).inverse(z, cond)
+            )
         return z
 
 

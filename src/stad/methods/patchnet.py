@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +234,7 @@ class PatchNet(nn.Module):
                 else:
                     x = F.max_pool2d(x, kernel_size=2, stride=2)
                 continue
-            conv = self.convs[i]
+            conv = cast(nn.Conv2d, self.convs[i])
             x = F.conv2d(x, conv.weight, conv.bias, dilation=dilation)
             if i < activated:
                 x = F.leaky_relu(x, self.slope)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
@@ -69,7 +69,8 @@ def held_out_score(method: Method, batch: Batch) -> dict[str, Tensor]:
     """Mean anomaly map of held-out normal images: the official code's selection criterion."""
     targets = method.teacher(batch)
     preds = method.student(batch, targets)
-    maps = method.scorer.anomaly_map(targets, preds, batch["image"].shape[-2:])
+    scorer = cast(FeaturePyramidScorer, method.scorer)  # build() gives STFPM this scorer
+    maps = scorer.anomaly_map(targets, preds, batch["image"].shape[-2:])
     return {"loss": maps.mean()}
 
 

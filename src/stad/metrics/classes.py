@@ -296,6 +296,9 @@ class ImageAUROC(_AnomalyMetric):
         1.0
     """
 
+    preds: list[Tensor]
+    target: list[Tensor]
+
     def __init__(self, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(validate_args=validate_args, **kwargs)
         self.add_state("preds", default=[], dist_reduce_fx="cat")
@@ -415,6 +418,12 @@ class PixelAUROC(_PixelMetric):
         kwargs: passed to ``torchmetrics.Metric`` (e.g. ``compute_on_cpu``).
     """
 
+    # States (add_state): the histograms in binned mode, the score lists in exact mode.
+    positive_hist: Tensor
+    negative_hist: Tensor
+    normal_scores: list[Tensor]
+    anomalous_scores: list[Tensor]
+
     def __init__(
         self,
         mode: Mode = "binned",
@@ -513,6 +522,14 @@ class PRO(_PixelMetric):
         validate_args: check for NaN scores and non-binary masks.
         kwargs: passed to ``torchmetrics.Metric``.
     """
+
+    # States (add_state): the histograms in binned mode, the score lists in exact mode.
+    num_regions: Tensor
+    normal_hist: Tensor
+    region_weight_hist: Tensor
+    normal_scores: list[Tensor]
+    anomalous_scores: list[Tensor]
+    anomalous_weights: list[Tensor]
 
     def __init__(
         self,

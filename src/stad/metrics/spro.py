@@ -110,6 +110,16 @@ class SPRO(_PixelMetric):
 
     takes_batch = True
 
+    # States (add_state): the histograms in binned mode, the score lists in exact mode.
+    num_regions: Tensor
+    normal_hist: Tensor
+    weight_hist: Tensor
+    normal_scores: list[Tensor]
+    normal_groups: list[Tensor]
+    region_scores: list[Tensor]
+    region_weights: list[Tensor]
+    region_groups: list[Tensor]
+
     def __init__(
         self,
         regions: Mapping[str, Sequence[Region]],
@@ -155,7 +165,7 @@ class SPRO(_PixelMetric):
             )
         return 1 + ANOMALY_GROUPS.index(defect)
 
-    def _regions_of(self, path: str, shape: tuple[int, int]) -> tuple[Region, ...]:
+    def _regions_of(self, path: str, shape: tuple[int, ...]) -> tuple[Region, ...]:
         regions = self.regions.get(path)
         if not regions:
             raise StadError(
@@ -218,9 +228,9 @@ class SPRO(_PixelMetric):
                 self.region_groups.append(torch.full_like(top, group, dtype=torch.uint8))
             return
         for group in range(len(ANOMALY_GROUPS) + 1):
-            values = [v for g, v in normal if g == group]
-            if values:
-                bins = F.score_bins(torch.cat(values), self.num_bits)
+            chunks = [v for g, v in normal if g == group]
+            if chunks:
+                bins = F.score_bins(torch.cat(chunks), self.num_bits)
                 self.normal_hist[group] += self._histogram(bins)
         for group, top, weights in weighted:
             # index_add_ rather than bincount(weights=...): deterministic on CUDA.

@@ -107,22 +107,41 @@ TINY_METHODS: dict[str, list[str]] = {
     "aand": ["method=aand"],
     "ast": ["method=ast", "method.input=rgb", "method.flow.hidden=16", "method.student.hidden=16"],
     "us": ["method=us", *SMALL_US, "method.students.count=2"],
+    # 256 px: the autoencoder's encoder needs it; a thin PDN and a tiny teacher pretraining.
+    "efficientad": [
+        "method=efficientad",
+        "image_size=256",
+        "method.channels=16",
+        "method.teacher.batch_size=2",
+        "method.teacher.normalisation_images=2",
+        "method.teacher.extractor_size=256",
+        "method.teacher.pdn_size=128",
+    ],
 }
 
 
+def tiny_image_size(method: str) -> int:
+    """The side a registered method's tiny tests use: 64 px unless TINY_METHODS sets one."""
+    sizes = [int(o.split("=", 1)[1]) for o in TINY_METHODS[method] if o.startswith("image_size=")]
+    return sizes[-1] if sizes else 64
+
+
 def tiny_method_config(method: str, cache: Path) -> DictConfig:
-    """A registered method at its TINY_METHODS settings, 64 px, random EfficientNet-Lite weights
-    (offline), any pretraining cached under ``cache``."""
+    """A registered method at its TINY_METHODS settings (64 px unless they set a size), random
+    EfficientNet-Lite weights
+        (offline), any pretraining cached under ``cache``."""
+    from stad.methods import has_pretraining
+
     return compose_config(
         [
-            *TINY_METHODS[method],
             "backbone=tf_efficientnet_lite0",
             "backbone.weights=random",
             "trainer=smoke",
             "image_size=64",
+            *TINY_METHODS[method],
             f"decode_cache={cache}/decoded",
-            # US's teachers (the only method with a pretraining step today) cache here.
-            *([f"method.teacher.cache_dir={cache}/teachers"] if method == "us" else []),
+            # Pretrained teachers (US, EfficientAD) cache in the test's folder.
+            *([f"method.teacher.cache_dir={cache}/teachers"] if has_pretraining(method) else []),
         ]
     )
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch, tiny_method_config
+from conftest import random_batch, tiny_image_size, tiny_method_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -42,10 +42,11 @@ def test_every_method_reloads_offline_with_identical_outputs(method, built, tmp_
     save_checkpoint(tmp_path / "run", original, cfg, thresholds)
     loaded = load_run(tmp_path / "run")
     assert loaded.thresholds == thresholds and loaded.stad_version == stad.__version__
-    batch = random_batch(2, 64)
+    size = tiny_image_size(method)
+    batch = random_batch(2, size)
     if "depth" in original.requires:
-        batch["depth"] = torch.rand(2, 1, 64, 64)
-        batch["foreground"] = torch.ones(2, 1, 64, 64)
+        batch["depth"] = torch.rand(2, 1, size, size)
+        batch["foreground"] = torch.ones(2, 1, size, size)
     with torch.no_grad():
         want = original(dict(batch))
         got = loaded.method(dict(batch))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_METHODS, compose_config, random_batch
+from conftest import TINY_METHODS, compose_config, random_batch, tiny_image_size
 
 from stad.backbones import weights_from_checkpoint
 from stad.checkpoint import load_run, save_checkpoint
@@ -153,12 +153,13 @@ BACKBONES = {"ast": ["backbone=tf_efficientnet_lite0"], "us": []}
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_methods_inference_graph_traces_and_matches_eager_mode(name):
     backbone = BACKBONES.get(name, RANDOM_RESNET)
+    size = tiny_image_size(name)
     cfg = compose_config(["image_size=64", *TINY_METHODS[name], *backbone])
     torch.manual_seed(0)
     with weights_from_checkpoint():  # random weights everywhere, no pretraining or download
         method = build_method(cfg.method, cfg.backbone).eval()
-    traced = trace(method, random_batch(2, 64)["image"])
-    images = random_batch(3, 64)["image"]  # another batch size than the traced one
+    traced = trace(method, random_batch(2, size)["image"])
+    images = random_batch(3, size)["image"]  # another batch size than the traced one
     with torch.no_grad():
         want = InferenceGraph(method)(images)
         got = traced(images)

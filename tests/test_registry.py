@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch, tiny_method_config
+from conftest import random_batch, tiny_image_size, tiny_method_config
 
 from stad.core import Calibration, StageModule, stage_parameters
 from stad.methods import METHODS, build_method
@@ -32,10 +32,11 @@ def test_every_method_gives_maps_at_input_resolution_and_one_score_per_image(nam
     cfg = tiny_method_config(name, cache)
     torch.manual_seed(0)
     method = build_method(cfg.method, cfg.backbone).eval()
-    batch = _batch(method, n=3)
+    size = tiny_image_size(name)
+    batch = _batch(method, n=3, size=size)
     with torch.no_grad():
         maps, scores = method(batch)
-    assert maps.shape == (3, 1, 64, 64) and scores.shape == (3,)
+    assert maps.shape == (3, 1, size, size) and scores.shape == (3,)
     assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
 
 
@@ -45,7 +46,7 @@ def test_every_stage_of_every_method_learns_and_touches_only_what_it_trains(name
     cfg = tiny_method_config(name, cache)
     torch.manual_seed(0)
     method = build_method(cfg.method, cfg.backbone)
-    batch = _batch(method)
+    batch = _batch(method, size=tiny_image_size(name))
     stages = 0
     for step in method.stages:
         if isinstance(step, Calibration):  # statistics a later stage needs, fitted in order

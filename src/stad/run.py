@@ -205,8 +205,14 @@ def check_threshold_config(cfg: DictConfig) -> None:
 
 
 def check_image_size(method: Method, image_size: int, cfg: DictConfig) -> None:
-    """Stop when the images are smaller than the coarsest feature map's stride (their maps
-    would be empty)."""
+    """Stop when the images are smaller than the method's ``min_image_size`` (its yaml) or the
+    coarsest feature map's stride (their maps would be empty)."""
+    smallest = cfg.method.get("min_image_size")
+    if smallest and image_size < int(smallest):
+        raise StadError(
+            f"image_size={image_size} is below {cfg.method.name}'s smallest input "
+            f"(method.min_image_size={smallest}); use image_size >= {smallest}"
+        )
     stride = total_stride(method)
     if stride is not None and image_size < stride:
         raise StadError(

@@ -54,20 +54,13 @@ from stad.core import (
 from stad.errors import StadError, WeightsError
 from stad.fileio import is_image_file
 from stad.methods.common import reduce_map
-from stad.methods.us_pretrain import natural_images
+
+# The same ImageNet normalisation and offline natural images as Uninformed Students.
+from stad.methods.us_pretrain import natural_images, normalize
 
 log = logging.getLogger("stad")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SIZES = ("small", "medium")
-
-
-def normalize(images: Tensor) -> Tensor:
-    """B×3×H×W in [0, 1] → ImageNet-normalised (the reference's transforms.Normalize)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 # -- networks (layer order = the reference's nn.Sequential indices, so its files load) ----------

@@ -18,11 +18,11 @@ import inspect
 import json
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -144,13 +144,13 @@ def _run_torchscript(path: Path, device: torch.device) -> Callable[[Tensor], tup
     return run
 
 
-ONNX_NAMES = {"input_names": ["image"], "output_names": ["map", "score"]}
+ONNX_NAMES: dict[str, Any] = {"input_names": ["image"], "output_names": ["map", "score"]}
 
 
 def _onnx_via_torchscript(graph: nn.Module, example: Tensor, path: Path, opset: int) -> None:
     batch = {"image": {0: "batch"}, "map": {0: "batch"}, "score": {0: "batch"}}
     # torch >= 2.9 defaults to the torch.export-based exporter; ask for this one by name.
-    choose = {"dynamo": False} if _has_dynamo_exporter() else {}
+    choose: dict[str, Any] = {"dynamo": False} if _has_dynamo_exporter() else {}
     with torch.no_grad(), _quiet_tracing():
         torch.onnx.export(
             graph,
@@ -256,9 +256,9 @@ def check_images(loaded: LoadedRun, count: int, folder: Path | None = None) -> t
             f"available to check the export on ({_first_line(err)}); pass input=<folder of "
             "images> to check it on those"
         ) from None
-    picked = _spread(len(test), count)
-    images = torch.stack([test[i]["image"] for i in picked])
-    return images, f"{len(picked)} test images of {cfg.dataset.name}/{cfg.dataset.category}"
+    picked = _spread(len(cast(Sized, test)), count)
+    stacked = torch.stack([test[i]["image"] for i in picked])
+    return stacked, f"{len(picked)} test images of {cfg.dataset.name}/{cfg.dataset.category}"
 
 
 def _spread(n: int, count: int) -> list[int]:

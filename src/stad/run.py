@@ -9,11 +9,12 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Sized
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -59,6 +60,9 @@ from stad.thresholds import (
 )
 from stad.timing import measure_inference
 from stad.viz import save_overlays
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 log = logging.getLogger("stad")
 
@@ -190,7 +194,7 @@ def check_writable(run_dir: Path) -> None:
 
 def check_threshold_config(cfg: DictConfig) -> None:
     """Stop before training when the threshold settings cannot work (not after hours of it)."""
-    threshold = cfg.get("threshold") or {}
+    threshold: Any = cfg.get("threshold") or {}
     how = str(threshold.get("method", "quantile"))
     if how not in ("quantile", "f1", "fixed"):
         raise StadError(f"threshold.method={how!r}; use quantile, f1 or fixed")
@@ -286,12 +290,12 @@ def _thresholds(cfg: DictConfig, method: Method, datamodule: AnomalyDataModule) 
 def _quantile_thresholds(
     cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, threshold: Any
 ) -> dict[str, Any]:
-    held_out = len(datamodule.val_dataset) > 0
+    held_out = len(cast(Sized, datamodule.val_dataset)) > 0
     dataset = datamodule.val_dataset if held_out else datamodule.train_dataset
     source = (
-        f"{len(dataset)} held-out normal images"
+        f"{len(cast(Sized, dataset))} held-out normal images"
         if held_out
-        else f"{len(dataset)} training images (in-sample: none held out)"
+        else f"{len(cast(Sized, dataset))} training images (in-sample: none held out)"
     )
     loader = DataLoader(dataset, batch_size=int(cfg.trainer.eval_batch_size), shuffle=False)
     scores, pixels = _normal_scores(method, loader, _device(cfg))
@@ -308,6 +312,8 @@ def _normal_scores(
     """Image scores and a bounded sample of anomaly-map pixels of normal images."""
     was_training = method.training
     method.eval().to(device)
+    scores: list[torch.Tensor]
+    pixels: list[torch.Tensor]
     scores, pixels = [], []
     try:
         for batch in loader:
@@ -331,7 +337,7 @@ def _f1_thresholds(cfg: DictConfig, method: Method, threshold: Any) -> dict[str,
 
 def check_inputs(method: Method, splits: DatasetSplits, cfg: DictConfig) -> None:
     """Stop before training when the dataset lacks an input the method reads (e.g. depth)."""
-    if not method.requires or len(splits.train) == 0:
+    if not method.requires or len(cast(Sized, splits.train)) == 0:
         return
     provided = set(splits.train[0])
     missing = [key for key in method.requires if key not in provided]
@@ -362,7 +368,7 @@ def _time_inference(
     cfg: DictConfig, method: Method, datamodule: AnomalyDataModule, channels_last: bool
 ) -> dict[str, Any] | None:
     """Inference speed of the trained method on test images, on the run's device."""
-    timing = cfg.trainer.get("inference_timing") or {}
+    timing: Any = cfg.trainer.get("inference_timing") or {}
     if not timing.get("enabled", False):
         return None
     device = _device(cfg)
@@ -538,7 +544,9 @@ def _fit_stage(
     streams = stream_loaders(cfg, stage, datamodule)
     module = StageModule(method, stage, channels_last=channels_last, streams=streams)
     last = resume.last_checkpoint(checkpoints, stage.name)
-    callbacks = [resume.EpochCheckpoint(last)] if cfg.trainer.get("checkpoint_epochs", True) else []
+    callbacks: list[L.Callback] = (
+        [resume.EpochCheckpoint(last)] if cfg.trainer.get("checkpoint_epochs", True) else []
+    )
     trainer = _trainer(
         cfg,
         run_dir,
@@ -641,12 +649,13 @@ def _calibration_loader(
     if calibration.data == "train":
         datamodule.drop_last_train = False
         return datamodule.train_dataloader()
-    if len(datamodule.val_dataset) == 0:
+    if len(cast(Sized, datamodule.val_dataset)) == 0:
         raise StadError(
             f"method {cfg.method.name} fits statistics on normal validation images but none are "
             "held out; set method.val_fraction > 0"
         )
-    return datamodule.val_dataloader()
+    # Not the empty list: the check above found validation images.
+    return cast(DataLoader, datamodule.val_dataloader())
 
 
 def _calibrate(
@@ -660,7 +669,7 @@ def _calibrate(
     if method.calibration is None:
         return
     loader = _calibration_loader(cfg, method.calibration, datamodule)
-    log.info("calibration on %d normal validation images", len(datamodule.val_dataset))
+    log.info("calibration on %d normal validation images", len(cast(Sized, datamodule.val_dataset)))
     trainer = _trainer(cfg, run_dir, 1, "calibration", validate=True)
     module = CalibrationModule(method, channels_last=channels_last)
     trainer.validate(module, loader, verbose=False)
@@ -678,7 +687,7 @@ def _validate(
     validation = cfg.validation
     dataset = SyntheticAnomalySet(
         datamodule.val_dataset,
-        OmegaConf.to_container(validation.synthesis, resolve=True),
+        cast(dict[str, Any], OmegaConf.to_container(validation.synthesis, resolve=True)),
         int(cfg.image_size),
         str(cfg.dataset.category),
         int(validation.seed),
@@ -689,7 +698,7 @@ def _validate(
     _trainer(cfg, run_dir, 1, "validation").test(module, loader, verbose=False)
     values: dict[str, Any] = {}
     for name, metric in module.metrics.items():
-        values.update(metric_values(name, metric.compute()))
+        values.update(metric_values(name, cast("Metric", metric).compute()))
     return {**values, "n_images": len(dataset), "synthesis": dataset.description}
 
 
@@ -749,14 +758,14 @@ def _test(
     metrics: dict[str, float] = {}
     for name, metric in module.metrics.items():
         if name != COUNTS:
-            metrics.update(metric_values(name, metric.compute()))
+            metrics.update(metric_values(name, cast("Metric", metric).compute()))
     extra = {
-        f"{name}_error_bound": float(m.error_bound())
+        f"{name}_error_bound": float(cast(Any, m).error_bound())
         for name, m in module.metrics.items()
         if hasattr(m, "error_bound")
     }
     ms = 1000.0 * module.inference_seconds / max(module.inference_images, 1)
-    scores, labels = _image_scores(module.metrics["image_auroc"])
+    scores, labels = _image_scores(cast(ImageAUROC, module.metrics["image_auroc"]))
     return TestOutcome(
         metrics,
         extra,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ class ResidualAmplifier(nn.Module):
 
     def gate(self, f0: Tensor) -> Tensor:
         """Anomaly weight a ∈ (0, 1) per position: B×C×h×w → B×1×h×w."""
-        q = self.query_mlp(f0 + positional_encoding(f0.shape[1], *f0.shape[-2:], f0))
+        q = self.query_mlp(f0 + positional_encoding(f0.shape[1], f0.shape[-2], f0.shape[-1], f0))
         q = F.normalize(q.flatten(2), dim=1)  # B×C×N
         k = F.normalize(self.memory, dim=1)  # 2M×C
         affinity = torch.softmax(torch.einsum("mc,bcn->bmn", k, q) / self.temperature, dim=1)
@@ -219,11 +219,14 @@ class TeacherOnlyScorer(Scorer):
     def forward(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
         size = batch["image"].shape[-2:]
         if self.source == "gate":
-            levels = [resize(a.float(), size, self.align_corners) for a in targets.gates]
+            levels = [
+                resize(a.float(), size, self.align_corners)
+                for a in cast(AmplifiedFeatures, targets).gates
+            ]
         else:
             levels = [
                 resize(cosine_distance(f0.float(), f.float()), size, self.align_corners)
-                for f0, f in zip(targets.vanilla, targets, strict=True)
+                for f0, f in zip(cast(AmplifiedFeatures, targets).vanilla, targets, strict=True)
             ]
         maps = self.blur(torch.stack(levels).sum(dim=0))
         return maps, reduce_map(maps, self.reduction)
@@ -233,7 +236,9 @@ class TeacherOnlyScorer(Scorer):
 def level_mask(mask: Tensor, size: Sequence[int], threshold: float = 0.3) -> Tensor:
     """A pixel mask at a feature level: average-pooled to ``size``, then > threshold (official
     ``AdaptiveAvgPool2d`` + ``mask_thresh``). B×1×H×W → B×1×h×w in {0, 1}."""
-    return (F.adaptive_avg_pool2d(mask.float(), tuple(size)) > threshold).float()
+    return (
+        F.adaptive_avg_pool2d(mask.float(), cast(tuple[int, int], tuple(size))) > threshold
+    ).float()
 
 
 def focal_loss(gate: Tensor, target: Tensor, alpha: float = 0.8, gamma: float = 2.0) -> Tensor:
@@ -324,14 +329,16 @@ class AnomalyAmplificationLoss:
 
     def __call__(self, method: Method, batch: Batch) -> dict[str, Tensor]:
         synth = self.synthesizer(batch["image"], batch.get("foreground"))
-        teacher: AdvancedTeacher = method.teacher
+        teacher = cast(AdvancedTeacher, method.teacher)
         with torch.no_grad():
             vanilla = teacher.extractor(synth.image)
         sizes = [f.shape[-2:] for f in vanilla]
         targets = [level_mask(synth.mask, s, self.mask_threshold) for s in sizes]
         foregrounds = [level_mask(synth.foreground, s, self.mask_threshold) for s in sizes]
         focal, amplify = [], []
-        for f0, module, y, fg in zip(vanilla, teacher.raa, targets, foregrounds, strict=True):
+        for f0, module, y, fg in zip(
+            vanilla, cast(nn.ModuleList, teacher.raa), targets, foregrounds, strict=True
+        ):
             f_at, gate = module(f0, y.to(f0.dtype))
             focal.append(focal_loss(gate, y, self.focal_alpha, self.focal_gamma))
             amplify.append(
@@ -434,7 +441,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     if raa is not None:
         amp = cfg.amplification
         synthesizer = build_synthesizer(
-            OmegaConf.to_container(cfg.synthesis, resolve=True),
+            cast(dict[str, Any], OmegaConf.to_container(cfg.synthesis, resolve=True)),
             size=int(cfg.synthesis_size),
             category=cfg.get("category"),
             seed=int(cfg.seed),

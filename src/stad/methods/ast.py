@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -61,11 +61,14 @@ class BlockFeatures(nn.Module):
     Attributes: ``channels``, ``strides`` (one entry each), ``frozen`` (as FeatureExtractor).
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module, stage: int, *, frozen: bool = True) -> None:
         super().__init__()
-        cfg = model.pretrained_cfg
-        self.stem = nn.Sequential(model.conv_stem, model.bn1)
-        self.blocks = nn.Sequential(*list(model.blocks)[: stage + 1])
+        cfg = cast(dict[str, Any], model.pretrained_cfg)
+        self.stem = nn.Sequential(cast(nn.Module, model.conv_stem), cast(nn.Module, model.bn1))
+        self.blocks = nn.Sequential(*list(cast(nn.Sequential, model.blocks))[: stage + 1])
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.frozen = frozen
@@ -123,10 +126,11 @@ def _build_extractor(
             "tf_efficientnet_lite0, or set method.feature_stage=null method.feature_level=<timm "
             "out_index>"
         )
-    if not 0 <= stage < len(model.blocks):
+    blocks = cast(nn.Sequential, model.blocks)
+    if not 0 <= stage < len(blocks):
         raise StadError(
-            f"method.feature_stage={stage} out of range: '{name}' has {len(model.blocks)} stages "
-            f"(0..{len(model.blocks) - 1})"
+            f"method.feature_stage={stage} out of range: '{name}' has {len(blocks)} stages "
+            f"(0..{len(blocks) - 1})"
         )
     return BlockFeatures(model, stage, frozen=True), info
 
@@ -391,7 +395,7 @@ class AstScorer(Scorer):
             raw = gaussian_nll(z, log_det[:, 0]).unsqueeze(1)
         else:
             raw = student_distance(targets[Z].float(), preds[0].float())
-        w = self.weight(batch, tuple(raw.shape[-2:]))
+        w = self.weight(batch, cast(tuple[int, int], tuple(raw.shape[-2:])))
         if w is None:
             return raw, raw
         loss = raw * w  # code: get_st_loss / get_nf_loss multiply by the mask (utils.py)
@@ -423,7 +427,7 @@ class AstScorer(Scorer):
     def forward(self, targets: Features, preds: Features, batch: Batch) -> tuple[Tensor, Tensor]:
         loss, grid = self.grid_maps(targets, preds, batch)
         size = tuple(batch["image"].shape[-2:])
-        fine = self.upsampled(grid, size)  # type: ignore[arg-type]
+        fine = self.upsampled(grid, size)
         # The evaluation runs at the input size: hold each pixel of the ×factor map there (each
         # 192-px pixel becomes a 4×4 block at 768), so its values, and its max, are the code's.
         maps = (

@@ -17,10 +17,10 @@ v = mean_i ‖S_i − mean_j S_j‖², each standardised by its mean/std over no
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
@@ -50,6 +50,10 @@ class DescriptorStats(nn.Module):
     Fitted by the ``descriptor_stats`` calibration before the students train; identity until
     then.
     """
+
+    count: Tensor
+    total: Tensor
+    squares: Tensor
 
     def __init__(self, scales: int, channels: int) -> None:
         super().__init__()
@@ -94,7 +98,7 @@ class DenseTeacher(TeacherBase):
     @torch.no_grad()
     def descriptors(self, images: Tensor, index: int) -> Tensor:
         """Raw dense descriptors B×d×H×W of scale ``index`` for B×3×H×W images in [0, 1]."""
-        return self.nets[index].dense(normalize(images), self.tile)
+        return cast(PatchNet, self.nets[index]).dense(normalize(images), self.tile)
 
     def scale(self, batch: Batch, index: int) -> Tensor:
         """Normalised descriptors B×d×H×W of one scale."""
@@ -117,7 +121,9 @@ class StudentEnsemble(nn.Module):
         """B×3×H×W in [0, 1] → B×M×d×H×W (tiles only when not training)."""
         tile = None if self.training else self.tile
         x = normalize(images)
-        return torch.stack([net.dense(x, tile) for net in self.nets], dim=1)
+        return torch.stack(
+            [net.dense(x, tile) for net in cast(Iterable[PatchNet], self.nets)], dim=1
+        )
 
 
 class EnsembleStudents(Student):
@@ -153,6 +159,11 @@ class EnsembleScorer(Scorer):
     Buffers ``e_mean``, ``e_std``, ``v_mean``, ``v_std`` (one entry per scale) come from the
     calibration on normal validation images; before it, 0 and 1.
     """
+
+    e_mean: Tensor
+    e_std: Tensor
+    v_mean: Tensor
+    v_std: Tensor
 
     def __init__(self, scales: int, reduction: str = "max") -> None:
         super().__init__()
@@ -244,20 +255,20 @@ class DescriptorStatsCalibration(Calibration):
         self.sampling, self.crop = sampling, crop
 
     def reset(self, method: Method) -> None:
-        stats = method.teacher.stats
+        stats = cast(DenseTeacher, method.teacher).stats
         for buffer in (stats.count, stats.total, stats.squares):
             buffer.zero_()
 
     @torch.no_grad()
     def update(self, method: Method, batch: Batch) -> None:
-        teacher = method.teacher
+        teacher = cast(DenseTeacher, method.teacher)
         images = normalize(batch["image"])
-        for k, net in enumerate(teacher.nets):
+        for k, net in enumerate(cast(Iterable[PatchNet], teacher.nets)):
             run = training_pixels(net, images, self.sampling, self.crop)
             teacher.stats.update(k, run(net, images))
 
     def finish(self, method: Method) -> None:
-        if not bool((method.teacher.stats.count > 0).all()):
+        if not bool((cast(DenseTeacher, method.teacher).stats.count > 0).all()):
             raise StadError("us: the descriptor statistics saw no training image")
 
 
@@ -265,13 +276,14 @@ def student_loss(
     method: Method, batch: Batch, index: int, sampling: str = "dense", crop: int | None = None
 ) -> dict[str, Tensor]:
     """Σ over the scale's students of the mean over pixels of ‖S_i − ŷ‖² (paper)."""
-    teacher = method.teacher
-    students = list(method.student.ensembles.values())[index].nets
+    teacher = cast(DenseTeacher, method.teacher)
+    ensembles = cast(EnsembleStudents, method.student).ensembles
+    students = cast(StudentEnsemble, list(ensembles.values())[index]).nets
     images = normalize(batch["image"])
-    run = training_pixels(teacher.nets[index], images, sampling, crop)
+    run = training_pixels(cast(PatchNet, teacher.nets[index]), images, sampling, crop)
     with torch.no_grad():
-        target = teacher.stats.normalize(index, run(teacher.nets[index], images))
-    preds = torch.stack([run(net, images) for net in students], dim=1)
+        target = teacher.stats.normalize(index, run(cast(PatchNet, teacher.nets[index]), images))
+    preds = torch.stack([run(net, images) for net in cast(Iterable[PatchNet], students)], dim=1)
     per_student = (preds - target.unsqueeze(1)).pow(2).sum(2).mean(dim=(0, 2, 3))
     return {"loss": per_student.sum()}
 
@@ -285,6 +297,7 @@ def build(cfg: DictConfig, backbone: DictConfig, pretrained: dict[str, Path]) ->
     if not scales or len(set(scales)) != len(scales):
         raise StadError(f"method.scales={scales}: give distinct patch sizes from 17, 33, 65")
     tile = int(cfg.tile) if cfg.tile else None
+    info: dict[str, Any]
     nets, pretraining = [], {}
     for p in scales:
         net, info = load_teacher(p, cfg, pretrained.get(f"p{p}"))
@@ -299,7 +312,7 @@ def build(cfg: DictConfig, backbone: DictConfig, pretrained: dict[str, Path]) ->
     sampling = str(cfg.students.sampling)
     crop = int(cfg.students.crop) if cfg.students.crop else None
     scorer = EnsembleScorer(len(scales), str(cfg.scorer.reduction))
-    stages: list[Stage | Calibration] = [DescriptorStatsCalibration(sampling, crop)] + [
+    stages: Sequence[Stage | Calibration] = [DescriptorStatsCalibration(sampling, crop)] + [
         Stage.from_config(
             f"students_p{p}",
             cfg.stages.students,
@@ -308,7 +321,7 @@ def build(cfg: DictConfig, backbone: DictConfig, pretrained: dict[str, Path]) ->
         )
         for k, p in enumerate(scales)
     ]
-    info: dict[str, Any] = {
+    info = {
         # The weights the teachers were distilled from (recorded when they were pretrained).
         "teacher_weights": next(iter(pretraining.values())).get("target_weights"),
         "scales": scales,

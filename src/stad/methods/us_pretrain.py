@@ -16,7 +16,7 @@ import time
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -134,7 +134,7 @@ class ImageSource:
         scale = self.max_side / min(rgb.size)
         if scale < 1:
             size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-            rgb = rgb.resize(size, Image.BILINEAR)
+            rgb = rgb.resize(size, Image.Resampling.BILINEAR)
         return rgb
 
 
@@ -194,7 +194,11 @@ class NaturalCrops(Dataset):
         return (x0, y0, x0 + side, y0 + side)
 
     def _render(self, img: Image.Image, box: tuple[float, ...]) -> Tensor:
-        crop = img.resize((self.p, self.p), Image.BILINEAR, box=box)
+        crop = img.resize(
+            (self.p, self.p),
+            Image.Resampling.BILINEAR,
+            box=cast(tuple[float, float, float, float], box),
+        )
         return torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
@@ -202,14 +206,18 @@ class NaturalCrops(Dataset):
 class PooledDescriptor(nn.Module):
     """Frozen ImageNet classifier → its pooled pre-logits descriptor (ResNet-18: 512-d)."""
 
+    model: Any  # a timm classifier (forward_features, forward_head)
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        cfg = model.pretrained_cfg
+        cfg = cast(dict[str, Any], model.pretrained_cfg)
         # Channels-last: EfficientNet's depthwise convolutions run ~2x faster on CPUs.
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
-        self.dim = int(model.num_features)
+        self.dim = int(cast(int, model.num_features))
 
     def train(self, mode: bool = True) -> PooledDescriptor:
         return super().train(False)
@@ -270,7 +278,7 @@ def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: flo
 
 def pretraining_loss(method: Method, batch: Batch, loss: DictConfig) -> dict[str, Tensor]:
     """λ_k·L_k + λ_m·L_m + λ_c·L_c on a batch of crops."""
-    t = method.teacher
+    t = cast(DistillationNet, method.teacher)
     desc = t.net(normalize(batch["image"]))
     distill = (t.decoder(desc) - t.target(batch["image"])).pow(2).sum(1).mean()
     decor = decorrelation_loss(desc, str(loss.decorrelation_mode))
@@ -332,7 +340,7 @@ def pretrain_teacher(
         optimizer=instantiate(t.optimizer),
     )
     method = Method(net, nn.Identity(), nn.Identity(), [stage])
-    data = NaturalCrops(
+    crops = NaturalCrops(
         ImageSource(crop_sources(cfg, data), int(t.max_side)),
         p,
         int(t.steps) * int(t.batch_size),
@@ -340,7 +348,7 @@ def pretrain_teacher(
         int(t.seed),
         triplet=float(t.loss.triplet) > 0,
     )
-    loader = DataLoader(data, batch_size=int(t.batch_size), num_workers=int(t.num_workers))
+    loader = DataLoader(crops, batch_size=int(t.batch_size), num_workers=int(t.num_workers))
     trainer = L.Trainer(
         accelerator=str(t.accelerator),
         devices=1,
@@ -355,7 +363,7 @@ def pretrain_teacher(
     )
     start = time.perf_counter()
     log.info(
-        "us: pretraining the p=%d teacher (%d steps on %d images)", p, t.steps, len(data.images)
+        "us: pretraining the p=%d teacher (%d steps on %d images)", p, t.steps, len(crops.images)
     )
     trainer.fit(StageModule(method, stage), train_dataloaders=loader)
     losses = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -37,7 +37,7 @@ format: install-test
 
 # Two pytest workers on the CI's two cores, one thread each (more threads only thrash). The
 # coverage floor only rises: raise COVERAGE_FLOOR when the printed figure has grown.
-COVERAGE_FLOOR ?= 92
+COVERAGE_FLOOR ?= 94
 test: lint typecheck
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --cov=stad --cov-report=term:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)
 

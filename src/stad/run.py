@@ -37,6 +37,7 @@ from stad.core import (
 from stad.data import build_dataset, training_files
 from stad.data.base import DatasetSplits, data_fingerprint, decode_cache, mask_rule
 from stad.data.datamodule import AnomalyDataModule
+from stad.data.streams import build_stream
 from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
@@ -587,8 +588,6 @@ def _resumed(method: Method, name: str, checkpoints: Path) -> StageReport | None
 def stream_loaders(cfg: DictConfig, stage: Stage, datamodule: AnomalyDataModule) -> dict[str, Any]:
     """The stage's auxiliary streams as ``(epoch, round) -> loader`` functions, each pass
     shuffled by a generator seeded from (run seed, stream name, epoch, round) alone."""
-    from stad.data.streams import build_stream
-
     loaders = {}
     for name, stream in stage.streams.items():
         dataset = build_stream(stream.source, int(cfg.image_size), datamodule.train_dataset)
@@ -625,17 +624,9 @@ def _calibration_pass(
     done = _resumed(method, calibration.name, checkpoints)
     if done is not None:
         return done
-    loader = _calibration_loader(cfg, calibration, datamodule)
     log.info("calibration %s on the %s images", calibration.name, calibration.data)
     start = time.perf_counter()
-    # A pass over the training images is capped like training (limit_train_batches), not like
-    # validation.
-    limit = cfg.trainer.get("limit_train_batches") if calibration.data == "train" else None
-    if calibration.data == "train":
-        limit = 1.0 if limit is None else limit
-    trainer = _trainer(cfg, run_dir, 1, calibration.name, validate=True, limit_val_batches=limit)
-    module = CalibrationModule(method, calibration, channels_last=channels_last)
-    trainer.validate(module, loader, verbose=False)
+    _fit_calibration(cfg, method, calibration, datamodule, run_dir, channels_last)
     seconds = time.perf_counter() - start
     report = StageReport(calibration.name, seconds, 0, 0, "none", None, kind="calibration")
     state = calibration_state(method, calibration)
@@ -668,10 +659,33 @@ def _calibrate(
     """Fit the method's calibration (if any) on the normal validation images."""
     if method.calibration is None:
         return
-    loader = _calibration_loader(cfg, method.calibration, datamodule)
     log.info("calibration on %d normal validation images", len(cast(Sized, datamodule.val_dataset)))
-    trainer = _trainer(cfg, run_dir, 1, "calibration", validate=True)
-    module = CalibrationModule(method, channels_last=channels_last)
+    _fit_calibration(
+        cfg, method, method.calibration, datamodule, run_dir, channels_last, name="calibration"
+    )
+
+
+def _fit_calibration(
+    cfg: DictConfig,
+    method: Method,
+    calibration: Calibration,
+    datamodule: AnomalyDataModule,
+    run_dir: Path,
+    channels_last: bool,
+    name: str | None = None,
+) -> None:
+    """One calibration pass under Lightning's validation loop, over the images it names."""
+    loader = _calibration_loader(cfg, calibration, datamodule)
+    # A pass over the training images is capped like training (limit_train_batches), not like
+    # validation.
+    limit = None
+    if calibration.data == "train":
+        limit = cfg.trainer.get("limit_train_batches")
+        limit = 1.0 if limit is None else limit
+    trainer = _trainer(
+        cfg, run_dir, 1, name or calibration.name, validate=True, limit_val_batches=limit
+    )
+    module = CalibrationModule(method, calibration, channels_last=channels_last)
     trainer.validate(module, loader, verbose=False)
 
 

@@ -56,11 +56,9 @@ from stad.fileio import is_image_file
 from stad.methods.common import reduce_map
 
 # The same ImageNet normalisation and offline natural images as Uninformed Students.
-from stad.methods.us_pretrain import natural_images, normalize
+from stad.methods.us_pretrain import files_digest, natural_images, normalize
 
 log = logging.getLogger("stad")
-
-SIZES = ("small", "medium")
 
 
 # -- networks (layer order = the reference's nn.Sequential indices, so its files load) ----------
@@ -318,12 +316,20 @@ def augment_for_autoencoder(images: Tensor, strength: float = 0.2) -> Tensor:
     return torch.stack(out)
 
 
+def random_grayscale(
+    images: Tensor, probability: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Each image in ITU-R 601 luma on all three channels with ``probability`` (torchvision's
+    RandomGrayscale, per image of the batch)."""
+    gray = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
+    pick = torch.rand(images.shape[0], generator=generator, device=images.device) < probability
+    return torch.where(pick.view(-1, 1, 1, 1), gray.expand_as(images), images)
+
+
 def penalty_images(images: Tensor, size: int, grayscale: float) -> Tensor:
     """Grayscale with probability ``grayscale`` (per image), then the centre ``size`` crop
     (reference: Resize(2·size), RandomGrayscale(0.3), CenterCrop(size))."""
-    gray = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
-    pick = torch.rand(images.shape[0], device=images.device) < grayscale
-    images = torch.where(pick.view(-1, 1, 1, 1), gray.expand_as(images), images)
+    images = random_grayscale(images, grayscale)
     h, w = images.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
     return images[..., top : top + size, left : left + size]
@@ -408,14 +414,12 @@ def patch_descriptors(levels: Sequence[Tensor], channels: int, pre_dim: int = 10
 def pretraining_settings(cfg: DictConfig, backbone: DictConfig) -> dict[str, Any]:
     """Everything the pretrained teacher depends on (its cache key)."""
     t = cfg.teacher
-    files = natural_images(cfg)
-    names = "\n".join(f"{f.name}:{f.stat().st_size}" for f in files)
     return {
         "size": str(cfg.size),
         "channels": int(cfg.channels),
         "source": {"name": str(backbone.name), "weights": str(backbone.weights)},
         "layers": list(t.layers),
-        "images": {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()},
+        "images": files_digest(natural_images(cfg)),
         "schedule": OmegaConf.to_container(
             OmegaConf.masked_copy(
                 t, ["steps", "batch_size", "seed", "extractor_size", "pdn_size", "grayscale"]
@@ -480,9 +484,7 @@ def distil_teacher(cfg: DictConfig, backbone: DictConfig) -> tuple[nn.Sequential
 
     def views(images: Tensor) -> tuple[Tensor, Tensor]:
         # The same grayscale draw for both views (reference: applied before both transforms).
-        gray = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
-        pick = torch.rand(images.shape[0], generator=generator) < float(t.grayscale)
-        images = torch.where(pick.view(-1, 1, 1, 1), gray.expand_as(images), images)
+        images = random_grayscale(images, float(t.grayscale), generator)
         small = F.interpolate(images, size=int(t.pdn_size), mode="bilinear", antialias=True)
         return images, small
 

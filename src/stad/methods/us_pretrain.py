@@ -103,7 +103,8 @@ def crop_sources(cfg: DictConfig, data: PretrainData) -> list[Path]:
     return files
 
 
-def _files_digest(files: list[Path]) -> dict[str, Any]:
+def files_digest(files: list[Path]) -> dict[str, Any]:
+    """Count and sha256 of the files' names and sizes (a cache key's image entry)."""
     names = "\n".join(f"{f.name}:{f.stat().st_size}" for f in files)
     return {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()}
 
@@ -306,8 +307,8 @@ def pretraining_settings(
             "descriptor_activation": bool(cfg.get("descriptor_activation", False)),
         },
         "target": {"name": str(backbone.name), "weights": str(backbone.weights)},
-        "images": _files_digest(natural_images(cfg)),
-        "train_data": _files_digest(train) if train else None,
+        "images": files_digest(natural_images(cfg)),
+        "train_data": files_digest(train) if train else None,
         "schedule": OmegaConf.to_container(
             OmegaConf.masked_copy(t, ["steps", "batch_size", "seed", "max_side", "optimizer"]),
             resolve=True,

@@ -27,7 +27,7 @@ lint: install-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# mypy on the modules pyproject.toml lists ([tool.mypy]; strict on the contract and the math).
+# mypy on src/stad ([tool.mypy] in pyproject.toml; strict on the contract, data and metrics).
 typecheck: install-test
 	$(PY) -m mypy
 

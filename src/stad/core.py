@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -283,7 +283,7 @@ class Method(nn.Module):
         """Anomaly maps (B×1×H×W) and image scores (B,) of a batch."""
         targets = self.teacher(batch)
         preds = self.student(batch, targets)
-        return self.scorer(targets, preds, batch)
+        return cast(tuple[Tensor, Tensor], self.scorer(targets, preds, batch))
 
     @property
     def training_stages(self) -> list[Stage]:

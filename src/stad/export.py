@@ -268,7 +268,9 @@ def _spread(n: int, count: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
 
 
-def _outputs(fn: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor, batch: int):
+def _outputs(
+    fn: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor, batch: int
+) -> tuple[Tensor, Tensor]:
     maps, scores = [], []
     for start in range(0, len(images), batch):
         m, s = fn(images[start : start + batch])

@@ -374,7 +374,7 @@ def _histogram_png(scores: np.ndarray, labels: np.ndarray, threshold: float | No
         if mask.any():
             ax.hist(
                 scores[mask],
-                bins=edges,
+                bins=edges.tolist(),
                 color=color,
                 alpha=0.55,
                 label=f"{name} ({int(mask.sum())})",

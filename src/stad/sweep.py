@@ -45,10 +45,11 @@ SUMMARY_NAME = "sweep_summary.json"
 
 
 # -- one job ----------------------------------------------------------------------------------
-def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
+def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any] | float:
     """Run one configuration; in a sweep, skip it when its record exists or it is incompatible.
 
-    Returns ``{"status": "done" | "exists" | "skipped", ...}`` (the sweeper's summary reads it).
+    Returns ``{"status": "done" | "exists" | "skipped", ...}`` (the sweeper's summary reads it),
+    or the objective's value when ``objective`` is set (what an optimising sweeper minimises).
 
     Raises:
         IncompatibleError: outside a sweep, the combination cannot work.

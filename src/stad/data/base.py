@@ -39,6 +39,10 @@ from stad.errors import DatasetError
 
 # Decoding threads: PIL releases the GIL while decoding and resizing, so threads scale on
 # multi-core machines and any error still surfaces in the main process.
+# What a dataset yields per index: "image" (3×H×W float tensor), "label", "mask", "path",
+# "category" and, where the reader knows them, the defect type and 3-D channels.
+Item = dict[str, Any]
+
 _MAX_DECODE_THREADS = 8
 # Files named per problem in a warning; the rest are counted.
 _MAX_LISTED = 5
@@ -136,15 +140,15 @@ class DatasetSplits:
             config), counted by :func:`data_fingerprint`.
     """
 
-    train: Dataset
-    test: Dataset
+    train: Dataset[Item]
+    test: Dataset[Item]
     info: dict[str, Any] = field(default_factory=dict)
-    validation: Dataset | None = None
+    validation: Dataset[Item] | None = None
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_files: tuple[Path, ...] = ()
 
 
-class AnomalyDataset(Dataset):
+class AnomalyDataset(Dataset[Item]):
     """Samples of any dataset family, decoded, resized (no crop) and served as batch dicts.
 
     With ``preload=True`` (default) every image and mask is decoded and resized at construction,
@@ -369,7 +373,7 @@ def data_fingerprint(splits: DatasetSplits) -> dict[str, Any]:
     return {"files": len(sizes), "sha256": digest.hexdigest(), "bytes": sum(sizes.values())}
 
 
-def _dataset_files(dataset: Dataset | None) -> Iterable[Path]:
+def _dataset_files(dataset: Dataset[Item] | None) -> Iterable[Path]:
     """The files of a dataset, through the torch wrappers a caller may have put around it."""
     if dataset is None:
         return []

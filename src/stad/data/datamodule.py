@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from stad.data.base import DatasetSplits
+from stad.data.base import DatasetSplits, Item
 from stad.distributed import shard_sampler, train_sampler
 from stad.errors import StadError
 
@@ -79,8 +79,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self.drop_last_train = False
         self.split_random_state = split_random_state
         if splits.validation is not None and val_fraction > 0:
-            self._train: Dataset = splits.train
-            self._val: Dataset = splits.validation
+            self._train: Dataset[Item] = splits.train
+            self._val: Dataset[Item] = splits.validation
             self._val_source = "the dataset's own validation split (normal images)"
         else:
             train_idx, val_idx = split_indices(
@@ -91,17 +91,17 @@ class AnomalyDataModule(L.LightningDataModule):
             self._val_source = "held-out normal training images"
 
     @property
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self) -> Dataset[Item]:
         """Normal training images, less the held-out validation images."""
         return self._train
 
     @property
-    def val_dataset(self) -> Dataset:
+    def val_dataset(self) -> Dataset[Item]:
         """Held-out normal training images (empty when ``val_fraction`` is 0)."""
         return self._val
 
     @property
-    def test_dataset(self) -> Dataset:
+    def test_dataset(self) -> Dataset[Item]:
         """The test set (normal and anomalous images)."""
         return self.splits.test
 
@@ -119,7 +119,7 @@ class AnomalyDataModule(L.LightningDataModule):
             "split_random_state": self.split_random_state,
         }
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Item]:
         # The shuffle order is a function of the seed and the epoch alone (stad.distributed),
         # whatever the model's initialisation drew from the global RNG.
         # A training set smaller than one batch keeps its only batch: zero steps would train
@@ -129,7 +129,7 @@ class AnomalyDataModule(L.LightningDataModule):
         drop_last = self.drop_last_train and _size(sampler) >= self.batch_size
         return self._loader(self._train, self.batch_size, sampler=sampler, drop_last=drop_last)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader[Item] | list[DataLoader[Item]]:
         # Lightning skips validation for an empty list; None would be rejected.
         if _size(self._val) == 0:
             return []
@@ -137,10 +137,10 @@ class AnomalyDataModule(L.LightningDataModule):
         # and a method's calibration statistics must not depend on the number of processes.
         return self._loader(self._val, self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Item]:
         return self.sharded_loader(self.splits.test)
 
-    def sharded_loader(self, dataset: Dataset) -> DataLoader:
+    def sharded_loader(self, dataset: Dataset[Item]) -> DataLoader[Item]:
         """An evaluation loader over ``dataset`` in order: the whole set on a single process;
         under DDP this process's share, each image on exactly one process, with its index in
         ``dataset`` as the batch entry ``index``. Metrics that synchronise across processes
@@ -150,16 +150,16 @@ class AnomalyDataModule(L.LightningDataModule):
             return self._loader(dataset, self.eval_batch_size)
         return self._loader(IndexedDataset(dataset), self.eval_batch_size, sampler=sampler)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader[Item]:
         return self.test_dataloader()
 
     def _loader(
         self,
-        dataset: Dataset,
+        dataset: Dataset[Item],
         batch_size: int,
-        sampler: Sampler | None = None,
+        sampler: Sampler[int] | None = None,
         drop_last: bool = False,
-    ) -> DataLoader:
+    ) -> DataLoader[Item]:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -175,11 +175,11 @@ class AnomalyDataModule(L.LightningDataModule):
         )
 
 
-class IndexedDataset(Dataset):
+class IndexedDataset(Dataset[Item]):
     """A dataset whose samples also carry their index (``sample["index"]``), so evaluation on
     several processes knows where in the set each image was."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset[Item]) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:

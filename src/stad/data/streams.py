@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from stad.data.base import Item
 from stad.data.images import as_hw, load_rgb
 from stad.errors import StadError
 from stad.fileio import is_image_file
@@ -25,7 +26,7 @@ from stad.fileio import is_image_file
 STREAM_KINDS = ("folder", "train")
 
 
-class FolderImages(Dataset):
+class FolderImages(Dataset[Item]):
     """RGB images of a folder tree as batch dicts ``{"image": 3×H×W in [0, 1], "path"}``."""
 
     def __init__(self, root: Path, size: int) -> None:
@@ -48,7 +49,7 @@ class FolderImages(Dataset):
         return {"image": image, "path": str(path)}
 
 
-def build_stream(source: Mapping[str, Any], image_size: int, train: Dataset) -> Dataset:
+def build_stream(source: Mapping[str, Any], image_size: int, train: Dataset[Item]) -> Dataset[Item]:
     """The dataset of a stream ``source``; ``train`` is the stage's training set.
 
     Raises:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -715,7 +716,7 @@ def _publish(tmp: Path, root: Path) -> None:
     )
 
 
-def _dataset_key(params: dict) -> str:
+def _dataset_key(params: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     return f"synthetic_v{GENERATOR_VERSION}_{digest[:12]}"
 

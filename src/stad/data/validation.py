@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stad.data.base import Item
 from stad.errors import StadError
 from stad.synthesis import build_synthesizer
 
@@ -20,7 +21,7 @@ _ALWAYS_ANOMALOUS = {"clean_probability": 0.0}
 _OWN_KEYS = {"image", "mask", "label", "path", "defect"}
 
 
-class SyntheticAnomalySet(Dataset):
+class SyntheticAnomalySet(Dataset[Item]):
     """Normal images (label 0) followed by their corrupted copies (label 1, exact masks).
 
     Args:
@@ -36,7 +37,7 @@ class SyntheticAnomalySet(Dataset):
 
     def __init__(
         self,
-        normal: Dataset,
+        normal: Dataset[Item],
         synthesis: Mapping[str, Any],
         image_size: int,
         category: str | None = None,

@@ -72,7 +72,9 @@ class AffineCoupling(nn.Module):
         self.net2 = SubnetConv(self.len2 + cond_channels, 2 * self.len1, hidden, kernel_size)
         self.net1 = SubnetConv(self.len1 + cond_channels, 2 * self.len2, hidden, kernel_size)
 
-    def _scale_shift(self, net: nn.Module, x: Tensor, cond: Tensor | None, n: int):
+    def _scale_shift(
+        self, net: nn.Module, x: Tensor, cond: Tensor | None, n: int
+    ) -> tuple[Tensor, Tensor]:
         inp = x if cond is None else torch.cat([x, cond], dim=1)
         out = net(inp)
         return soft_clamp(out[:, :n], self.clamp), out[:, n:]

@@ -75,6 +75,20 @@ def random_batch(n: int = 2, size: int = 64) -> dict:
     }
 
 
+def with_streams(stage, batch: dict, seed: int = 0) -> dict:
+    """``batch`` with the stage's derived streams (synthetic anomalies) as the runner gives
+    them, their draws restarted at epoch 0 on every call so repeated losses are comparable."""
+    from stad.data.streams import build_derived_stream, is_derived
+
+    streams = {}
+    for name, stream in stage.streams.items():
+        if is_derived(stream.source):
+            derived = build_derived_stream(stream.source, batch["image"].shape[-1], seed)
+            derived.set_epoch(0)
+            streams[name] = derived(batch)
+    return {**batch, "streams": streams} if streams else batch
+
+
 def assert_steps_lower_the_loss(method, loss, optimizer, batch, steps: int = 3) -> None:
     """A few optimizer steps on one batch lower ``loss(method, batch)["loss"]`` and leave every
     teacher parameter exactly as it was."""

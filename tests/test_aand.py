@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import E2E_TRAINING, compose_config, random_batch
+from conftest import E2E_TRAINING, compose_config, random_batch, with_streams
 from hydra.utils import instantiate
 from scipy.stats import rankdata
 from torch import nn
@@ -204,10 +204,9 @@ def test_level_masks_average_pool_then_threshold():
 
 def _fixed_amplify_loss(method, batch):
     # Same synthetic anomalies and the same position samples at every call.
-    loss = method.stages[0].loss
-    loss.synthesizer.generator.manual_seed(0)
+    stage = method.stages[0]
     torch.manual_seed(0)
-    return loss(method, batch)
+    return stage.loss(method, with_streams(stage, batch))
 
 
 @pytest.mark.slow
@@ -268,22 +267,20 @@ def test_the_gate_learns_to_separate_synthetic_anomalies(tiny_config):
     amplify = method.stages[0]
     StageModule(method, amplify).train()
     opt = amplify.optimizer(list(stage_parameters(method, amplify)))
-    synth = amplify.loss.synthesizer
 
     def gate_auroc() -> float:
         # Fresh anomalies on unseen images: the gate of the finest level vs its target.
-        batch = _textured_batch(n=8, seed=99)
-        synth.generator.manual_seed(123)
-        out = synth(batch["image"])
+        out = with_streams(amplify, _textured_batch(n=8, seed=99), seed=123)["streams"]
         with torch.no_grad():
-            gates = method.teacher.amplify(out.image).gates
-        target = level_mask(out.mask, gates[0].shape[-2:])
+            gates = method.teacher.amplify(out["anomalies"]["image"]).gates
+        target = level_mask(out["anomalies"]["mask"], gates[0].shape[-2:])
         return _auroc(gates[0], target)
 
     before = gate_auroc()
     for step in range(STEPS):
         opt.zero_grad()
-        amplify.loss(method, _textured_batch(n=6, seed=step))["loss"].backward()
+        batch = with_streams(amplify, _textured_batch(n=6, seed=step), seed=step)
+        amplify.loss(method, batch)["loss"].backward()
         opt.step()
     after = gate_auroc()
     assert after > 0.8 and after > before + 0.2, (before, after)
@@ -305,7 +302,7 @@ def test_each_ablation_switch_builds_and_runs(tiny_config, switches, stages, key
     assert [s.name for s in method.stages] == stages
     batch = _textured_batch(n=2)
     for stage in method.stages:
-        losses = stage.loss(method, batch)
+        losses = stage.loss(method, with_streams(stage, batch))
         assert torch.isfinite(losses["loss"])
         if stage.name == "distill":
             assert set(losses) == keys
@@ -336,14 +333,21 @@ def test_teacher_only_scores_without_raa_are_incompatible(tiny_config):
         build_method(cfg.method, cfg.backbone)
 
 
-def test_a_missing_texture_folder_stops_the_build_with_the_path(tiny_config, tmp_path):
+def test_a_missing_texture_folder_stops_the_run_before_training_with_the_path(
+    tiny_config, tmp_path, monkeypatch
+):
     cfg = tiny_config(
         "method=aand",
         "method.synthesis.texture.source=folder",
         f"method.synthesis.texture.root={tmp_path}/dtd/images",
     )
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage trained before the streams were checked")
+
+    monkeypatch.setattr("stad.run._fit_stage", no_training)
     with pytest.raises(DatasetError, match="dtd/images"):
-        build_method(cfg.method, cfg.backbone)
+        run(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize(("dataset", "count"), [("mvtec", 15), ("visa", 12), ("mvtec3d", 10)])
@@ -395,4 +399,6 @@ def test_aand_detects_the_defects_of_the_generated_dataset(tiny_config, tmp_path
     assert record["metrics"]["image_auroc"] > 0.7, record["metrics"]
     assert record["metrics"]["pixel_auroc"] > 0.85, record["metrics"]
     assert [s["name"] for s in record["stages"]] == ["amplify", "distill"]
-    assert record["method_info"]["synthesis"]["textures"]["source"] == "skimage"
+    anomalies = record["stages"][0]["streams"]["anomalies"]
+    assert anomalies["kind"] == "synthetic_anomalies"
+    assert anomalies["textures"]["source"] == "skimage"

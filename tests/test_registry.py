@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch, tiny_image_size, tiny_method_config
+from conftest import random_batch, tiny_image_size, tiny_method_config, with_streams
 
 from stad.core import Calibration, StageModule, stage_parameters
 from stad.methods import METHODS, build_method
@@ -60,12 +60,13 @@ def test_every_stage_of_every_method_learns_and_touches_only_what_it_trains(name
         frozen = {n: p.clone() for n, p in method.named_parameters() if id(p) not in trained}
         StageModule(method, step).train()
         optimizer = step.optimizer([p for p in method.parameters() if id(p) in trained])
-        before = float(step.loss(method, batch)["loss"])
+        step_batch = with_streams(step, batch)
+        before = float(step.loss(method, step_batch)["loss"])
         for _ in range(3):
             optimizer.zero_grad()
-            step.loss(method, batch)["loss"].backward()
+            step.loss(method, step_batch)["loss"].backward()
             optimizer.step()
-        after = float(step.loss(method, batch)["loss"])
+        after = float(step.loss(method, step_batch)["loss"])
         assert after < before, f"{name} stage {step.name}: loss {before} -> {after}"
         for n, p in method.named_parameters():
             if n in frozen:

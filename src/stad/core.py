@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import lightning as L
 import torch
@@ -74,6 +74,18 @@ class Calibration:
 CALIBRATION_DATA = ("train", "val")
 
 
+@runtime_checkable
+class DerivedStream(Protocol):
+    """A stream computed from each main batch (``stad.data.streams.SyntheticAnomalies``)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the stream's random draws for ``epoch``."""
+
+    def __call__(self, batch: Batch) -> Batch:
+        """The stream's batch for the main batch ``batch``."""
+        ...
+
+
 @dataclass(frozen=True)
 class Stream:
     """An auxiliary data stream a stage trains on beside its main loader (e.g. EfficientAD's
@@ -81,13 +93,15 @@ class Stream:
 
     The method only describes the data; the runner builds it from :attr:`source` (a mapping
     the data package reads, ``stad.data.streams``) and hands the stage's loss one batch per
-    training step as ``batch["streams"][name]``, in an order drawn from (run seed, stream name,
-    epoch) alone, like the main loader's.
+    step as ``batch["streams"][name]``. A loaded stream (``folder``, ``train``) is shuffled
+    from (run seed, stream name, epoch) alone, like the main loader; a derived one
+    (``synthetic_anomalies``) is computed from each main batch, training and validation alike,
+    with draws restarted from (run seed, epoch) at every epoch.
 
     Attributes:
         source: e.g. ``{"kind": "folder", "root": "/data/imagenet/train"}`` or
             ``{"kind": "synthetic_anomalies", "synthesis": {...}}``.
-        batch_size: images per step.
+        batch_size: images per step (loaded streams; a derived one has the main batch's).
     """
 
     source: dict[str, Any]
@@ -324,12 +338,15 @@ class StageModule(L.LightningModule):
         keep_examples: int = 0,
         channels_last: bool = False,
         streams: dict[str, StreamLoaders] | None = None,
+        derived_streams: dict[str, DerivedStream] | None = None,
     ) -> None:
         super().__init__()
         self.method = method
         self.channels_last = channels_last
         # The stage's auxiliary streams: name -> (epoch, round) -> a loader over its data.
         self.streams = dict(streams or {})
+        # Streams computed from each main batch (synthetic anomalies of its images).
+        self.derived_streams = dict(derived_streams or {})
         self._stream_iters: dict[str, Iterator[Batch]] = {}
         self.stage = stage
         self.metrics = nn.ModuleDict(metrics or {})
@@ -394,17 +411,23 @@ class StageModule(L.LightningModule):
             )
         return losses
 
-    def _stream_batches(self) -> dict[str, Batch]:
-        """One batch of every auxiliary stream, on this module's device."""
-        return {
-            name: self.transfer_batch_to_device(next(it), self.device, 0)
-            for name, it in self._stream_iters.items()
-        }
+    def _with_streams(self, batch: Batch, loaded: bool = True) -> Batch:
+        """The batch with one batch of every auxiliary stream under ``"streams"``: the next of
+        each loaded stream (training only), on this module's device, and each derived one."""
+        streams: dict[str, Batch] = {}
+        if loaded:
+            streams = {
+                name: self.transfer_batch_to_device(next(it), self.device, 0)
+                for name, it in self._stream_iters.items()
+            }
+        for name, derive in self.derived_streams.items():
+            streams[name] = derive(batch)
+        if streams:
+            batch["streams"] = streams
+        return batch
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        if self._stream_iters:
-            batch["streams"] = self._stream_batches()
-        losses = self._stage_loss(self._prepare(batch))
+        losses = self._stage_loss(self._with_streams(self._prepare(batch)))
         bs = batch["image"].shape[0]
         for key, value in losses.items():
             name = "train/loss" if key == "loss" else f"train/{key}"
@@ -412,7 +435,9 @@ class StageModule(L.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        losses = self._stage_loss(self._prepare(batch), validation=True)
+        losses = self._stage_loss(
+            self._with_streams(self._prepare(batch), loaded=False), validation=True
+        )
         # Averaged over processes, so every rank of a DDP run selects the same epoch.
         self.log(
             "val/loss",
@@ -468,13 +493,9 @@ class StageModule(L.LightningModule):
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
-        # Losses with random streams of their own (synthetic anomalies) restart them per epoch,
-        # like a sampler's set_epoch.
-        assert self.stage is not None
-        for loss in {id(f): f for f in (self.stage.loss, self.stage.val_loss) if f}.values():
-            set_epoch = getattr(loss, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(self.current_epoch)
+        # Derived streams restart their draws per epoch, like a sampler's set_epoch.
+        for derived in self.derived_streams.values():
+            derived.set_epoch(self.current_epoch)
         self._stream_iters = {
             name: _endless(loaders, self.current_epoch) for name, loaders in self.streams.items()
         }

@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sized
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -37,7 +37,7 @@ from stad.core import (
 from stad.data import build_dataset, training_files
 from stad.data.base import DatasetSplits, data_fingerprint, decode_cache, mask_rule
 from stad.data.datamodule import AnomalyDataModule
-from stad.data.streams import build_stream
+from stad.data.streams import build_derived_stream, build_stream, is_derived
 from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
@@ -80,6 +80,8 @@ class StageReport:
     best_val_loss: float | None
     # "train" (a Stage) or "calibration" (a statistics pass placed between stages).
     kind: str = "train"
+    # What each auxiliary stream of the stage was (kind, folder, synthesis settings).
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -141,9 +143,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         seed=int(cfg.seed),
         **held_out_split(cfg),
     )
+    # Every stage's auxiliary streams before the first trains: a missing folder stops the run
+    # before hours of training, not between stages.
+    streams = {s.name: stream_loaders(cfg, s, datamodule) for s in method.training_stages}
     checkpoints = resume.prepare(run_dir, config_hash(cfg), bool(cfg.get("resume", False)))
     reports = [
-        _fit_stage(cfg, method, step, datamodule, run_dir, channels_last, checkpoints)
+        _fit_stage(
+            cfg, method, step, datamodule, run_dir, channels_last, checkpoints, streams[step.name]
+        )
         if isinstance(step, Stage)
         else _calibration_pass(cfg, method, step, datamodule, run_dir, channels_last, checkpoints)
         for step in method.stages
@@ -533,17 +540,21 @@ def _fit_stage(
     run_dir: Path,
     channels_last: bool,
     checkpoints: Path,
+    streams: tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]],
 ) -> StageReport:
     """Train one stage (or take it from a finished earlier attempt), keeping its state after
-    every epoch so a killed run resumes where it was."""
+    every epoch so a killed run resumes where it was; ``streams`` are its auxiliary streams
+    (:func:`stream_loaders`)."""
     done = _resumed(method, stage.name, checkpoints)
     if done is not None:
         return done
     epochs, steps = stage_epochs(cfg, stage), stage_steps(cfg, stage)
     length = f"{epochs} epochs" if steps < 0 else f"{steps} steps"
     log.info("stage %s: %s, training %s", stage.name, length, ", ".join(stage.trainable))
-    streams = stream_loaders(cfg, stage, datamodule)
-    module = StageModule(method, stage, channels_last=channels_last, streams=streams)
+    loaders, derived, described = streams
+    module = StageModule(
+        method, stage, channels_last=channels_last, streams=loaders, derived_streams=derived
+    )
     last = resume.last_checkpoint(checkpoints, stage.name)
     callbacks: list[L.Callback] = (
         [resume.EpochCheckpoint(last)] if cfg.trainer.get("checkpoint_epochs", True) else []
@@ -567,7 +578,13 @@ def _fit_stage(
     module.restore_selected()
     best = module.best_val_loss if module.best_val_loss != float("inf") else None
     report = StageReport(
-        stage.name, seconds, trainer.current_epoch, trainer.global_step, stage.selection, best
+        stage.name,
+        seconds,
+        trainer.current_epoch,
+        trainer.global_step,
+        stage.selection,
+        best,
+        streams=described,
     )
     resume.save_done(checkpoints, stage.name, module.stage_state(), asdict(report))
     return report
@@ -585,14 +602,28 @@ def _resumed(method: Method, name: str, checkpoints: Path) -> StageReport | None
     return StageReport(**done["report"])
 
 
-def stream_loaders(cfg: DictConfig, stage: Stage, datamodule: AnomalyDataModule) -> dict[str, Any]:
-    """The stage's auxiliary streams as ``(epoch, round) -> loader`` functions, each pass
-    shuffled by a generator seeded from (run seed, stream name, epoch, round) alone."""
-    loaders = {}
+def stream_loaders(
+    cfg: DictConfig, stage: Stage, datamodule: AnomalyDataModule
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """The stage's auxiliary streams: loaded ones as ``(epoch, round) -> loader`` functions,
+    each pass shuffled by a generator seeded from (run seed, stream name, epoch, round) alone;
+    derived ones as per-batch callables seeded by the run seed; and what the record says of
+    each."""
+    loaders: dict[str, Any] = {}
+    derived: dict[str, Any] = {}
+    described: dict[str, dict[str, Any]] = {}
     for name, stream in stage.streams.items():
+        if is_derived(stream.source):
+            derived[name] = build_derived_stream(stream.source, int(cfg.image_size), int(cfg.seed))
+            described[name] = derived[name].describe()
+            continue
         dataset = build_stream(stream.source, int(cfg.image_size), datamodule.train_dataset)
         loaders[name] = partial(_stream_pass, dataset, stream.batch_size, cfg, name)
-    return loaders
+        describe = getattr(dataset, "describe", None)
+        described[name] = (
+            describe() if callable(describe) else {"kind": str(stream.source.get("kind"))}
+        )
+    return loaders, derived, described
 
 
 def _stream_pass(

@@ -7,6 +7,9 @@ Kinds:
   (default: the run's ``image_size``), e.g. ImageNet images for EfficientAD's penalty term.
 - ``train``: the stage's own training images once more, in an order of their own (e.g. a
   second view of the normal data for a pairwise loss).
+- ``synthetic_anomalies``: derived from each main batch, not loaded: its images with synthetic
+  anomalies (``stad.synthesis``; keys ``synthesis``, ``size``, ``category``), as
+  ``{"image", "mask", "foreground"}``, drawn from (run seed, epoch) alone (e.g. AAND's stage 1).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from stad.data.base import Item
 from stad.data.images import as_hw, load_rgb
 from stad.errors import StadError
 from stad.fileio import is_image_file
+from stad.synthesis import AnomalySynthesizer, build_synthesizer
 
-STREAM_KINDS = ("folder", "train")
+STREAM_KINDS = ("folder", "train", "synthetic_anomalies")
+DERIVED_KINDS = ("synthetic_anomalies",)
 
 
 class FolderImages(Dataset[Item]):
@@ -48,6 +53,62 @@ class FolderImages(Dataset[Item]):
         image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
         return {"image": image, "path": str(path)}
 
+    def describe(self) -> dict[str, Any]:
+        """What the record says of the stream."""
+        return {"kind": "folder", "root": str(self.files[0].parent), "n_images": len(self)}
+
+
+class SyntheticAnomalies:
+    """A stream derived from each main batch: its images with synthetic anomalies and their
+    exact masks. The runner restarts it per epoch (:meth:`set_epoch`), so a resumed run draws
+    the anomalies an uninterrupted one draws."""
+
+    def __init__(self, synthesizer: AnomalySynthesizer) -> None:
+        self.synthesizer = synthesizer
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the draws at a point given by (seed, epoch)."""
+        self.synthesizer.set_epoch(epoch)
+
+    def __call__(self, batch: Item) -> Item:
+        """``{"image", "mask", "foreground"}`` for the batch's images (on their device)."""
+        synth = self.synthesizer(batch["image"], batch.get("foreground"))
+        return {"image": synth.image, "mask": synth.mask, "foreground": synth.foreground}
+
+    def describe(self) -> dict[str, Any]:
+        """What the record says of the stream (the synthesizer's settings and textures)."""
+        return {"kind": "synthetic_anomalies", **self.synthesizer.describe()}
+
+
+def is_derived(source: Mapping[str, Any]) -> bool:
+    """Whether a stream is computed from the main batch rather than loaded."""
+    return str(source.get("kind", "")) in DERIVED_KINDS
+
+
+def build_derived_stream(
+    source: Mapping[str, Any], image_size: int, seed: int
+) -> SyntheticAnomalies:
+    """The per-batch stream of a derived ``source`` (see :func:`is_derived`), seeded by the
+    run's ``seed``.
+
+    Raises:
+        StadError: not a derived kind, or no ``synthesis`` block.
+    """
+    if not is_derived(source):
+        raise StadError(f"stream kind {source.get('kind')!r} is loaded, not derived from a batch")
+    if not isinstance(source.get("synthesis"), Mapping):
+        raise StadError(
+            "a synthetic_anomalies stream needs its settings: "
+            "{kind: synthetic_anomalies, synthesis: {...}} (see stad.synthesis)"
+        )
+    synthesizer = build_synthesizer(
+        dict(source["synthesis"]),
+        size=int(source.get("size") or image_size),
+        category=source.get("category"),
+        seed=seed,
+    )
+    return SyntheticAnomalies(synthesizer)
+
 
 def build_stream(source: Mapping[str, Any], image_size: int, train: Dataset[Item]) -> Dataset[Item]:
     """The dataset of a stream ``source``; ``train`` is the stage's training set.
@@ -62,6 +123,8 @@ def build_stream(source: Mapping[str, Any], image_size: int, train: Dataset[Item
         return FolderImages(Path(str(source["root"])), int(source.get("size") or image_size))
     if kind == "train":
         return train
+    if kind in DERIVED_KINDS:
+        raise StadError(f"stream kind {kind!r} is derived from each batch: build_derived_stream")
     raise StadError(
         f"unknown auxiliary data stream kind {kind!r}; use one of {', '.join(STREAM_KINDS)}"
     )

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from stad.backbones import FeatureExtractor, initialise
-from stad.core import Batch, Features, Method, Scorer, Stage, Student, Teacher
+from stad.core import Batch, Features, Method, Scorer, Stage, Stream, Student, Teacher
 from stad.errors import IncompatibleError, StadError
 from stad.methods.common import (
     GaussianBlur,
@@ -41,7 +41,6 @@ from stad.methods.common import (
 )
 from stad.methods.decoders import SummedLevelScorer, resnet_layout
 from stad.methods.rd import flat_cosine_loss, reverse_student
-from stad.synthesis import AnomalySynthesizer, build_synthesizer
 
 
 # -- teacher ----------------------------------------------------------------------------------
@@ -298,13 +297,17 @@ def amplification_loss(
     return F.relu(amplified_sim - (vanilla_sim - margin)).mean()
 
 
+ANOMALIES = "anomalies"  # the stage-1 stream of synthetic anomalies of the training images
+
+
 class AnomalyAmplificationLoss:
     """Stage-1 loss: Σ_levels focal(gate, ground truth) + weight · Σ_levels amplification loss,
-    on a batch corrupted by the synthesizer; F^AT uses the ground-truth gate (official code)."""
+    on the batch's synthetic anomalies (the stage's derived stream ``batch["streams"]
+    ["anomalies"]``: image, exact mask, foreground); F^AT uses the ground-truth gate (official
+    code)."""
 
     def __init__(
         self,
-        synthesizer: AnomalySynthesizer,
         mask_threshold: float = 0.3,
         focal_alpha: float = 0.8,
         focal_gamma: float = 2.0,
@@ -313,7 +316,6 @@ class AnomalyAmplificationLoss:
         max_normal: int = 5000,
         max_anomalous: int = 1000,
     ) -> None:
-        self.synthesizer = synthesizer
         self.mask_threshold = mask_threshold
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -322,19 +324,14 @@ class AnomalyAmplificationLoss:
         self.max_normal = max_normal
         self.max_anomalous = max_anomalous
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer at each epoch start: the synthetic anomalies of an epoch
-        depend on the seed and the epoch only (exact resume)."""
-        self.synthesizer.set_epoch(epoch)
-
     def __call__(self, method: Method, batch: Batch) -> dict[str, Tensor]:
-        synth = self.synthesizer(batch["image"], batch.get("foreground"))
+        synth = batch["streams"][ANOMALIES]
         teacher = cast(AdvancedTeacher, method.teacher)
         with torch.no_grad():
-            vanilla = teacher.extractor(synth.image)
+            vanilla = teacher.extractor(synth["image"])
         sizes = [f.shape[-2:] for f in vanilla]
-        targets = [level_mask(synth.mask, s, self.mask_threshold) for s in sizes]
-        foregrounds = [level_mask(synth.foreground, s, self.mask_threshold) for s in sizes]
+        targets = [level_mask(synth["mask"], s, self.mask_threshold) for s in sizes]
+        foregrounds = [level_mask(synth["foreground"], s, self.mask_threshold) for s in sizes]
         focal, amplify = [], []
         for f0, module, y, fg in zip(
             vanilla, cast(nn.ModuleList, teacher.raa), targets, foregrounds, strict=True
@@ -351,7 +348,7 @@ class AnomalyAmplificationLoss:
             "loss": focal_total + self.weight * amplify_total,
             "focal": focal_total.detach(),
             "amplification": amplify_total.detach(),
-            "anomalous_share": synth.mask.mean(),
+            "anomalous_share": synth["mask"].mean(),
         }
 
 
@@ -408,6 +405,17 @@ def _check(cfg: DictConfig) -> None:
         )
 
 
+def anomaly_source(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 1's stream: the training images with DRAEM-style anomalies (official
+    ``SynthesisDataset.augment_image``), which the runner draws per batch from (seed, epoch)."""
+    return {
+        "kind": "synthetic_anomalies",
+        "synthesis": cast(dict[str, Any], OmegaConf.to_container(cfg.synthesis, resolve=True)),
+        "size": int(cfg.synthesis_size),
+        "category": cfg.get("category"),
+    }
+
+
 def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     """AAND from ``conf/method/aand.yaml`` and a backbone config."""
     _check(cfg)
@@ -440,14 +448,7 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
     }
     if raa is not None:
         amp = cfg.amplification
-        synthesizer = build_synthesizer(
-            cast(dict[str, Any], OmegaConf.to_container(cfg.synthesis, resolve=True)),
-            size=int(cfg.synthesis_size),
-            category=cfg.get("category"),
-            seed=int(cfg.seed),
-        )
         amplify_loss = AnomalyAmplificationLoss(
-            synthesizer,
             mask_threshold=float(cfg.mask_threshold),
             focal_alpha=float(amp.focal_alpha),
             focal_gamma=float(amp.focal_gamma),
@@ -456,11 +457,10 @@ def build(cfg: DictConfig, backbone: DictConfig) -> Method:
             max_normal=int(amp.max_normal),
             max_anomalous=int(amp.max_anomalous),
         )
-        stages.append(
-            Stage.from_config("amplify", cfg.stages.amplify, ["teacher.raa"], amplify_loss)
-        )
+        amplify = Stage.from_config("amplify", cfg.stages.amplify, ["teacher.raa"], amplify_loss)
+        amplify.streams[ANOMALIES] = Stream(anomaly_source(cfg))
+        stages.append(amplify)
         info.update(memory_size=int(cfg.memory_size), margin=float(amp.margin), raa_init=raa_init)
-        info["synthesis"] = synthesizer.describe()
     if cfg.score == "student":
         student: Student = reverse_student(
             extractor.channels, extractor.strides, resnet_layout(backbone.name)

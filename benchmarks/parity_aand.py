@@ -285,11 +285,10 @@ def _stage1_rows(report: Report, official: Official, method: Any, batch: dict) -
 
     method.train()
     stage = method.stages[0]
-    with (
-        mock.patch.object(stage.loss, "synthesizer", lambda images, foreground=None: synth),
-        same_subsampling(official.loss),
-    ):
-        out = stage.loss(method, batch)
+    # The stage's synthetic-anomaly stream, as the runner hands it to the loss.
+    anomalies = {"image": synth.image, "mask": synth.mask, "foreground": synth.foreground}
+    with same_subsampling(official.loss):
+        out = stage.loss(method, {**batch, "streams": {"anomalies": anomalies}})
     out["loss"].backward()
 
     sizes = [f.shape[-2:] for f in inputs]

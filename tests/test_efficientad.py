@@ -183,6 +183,34 @@ def test_config_composes_the_reference_defaults():
     assert compose_config(["+experiment=efficientad_loco"]).dataset.name == "mvtec_loco"
 
 
+@pytest.mark.parametrize("n", [209, 60, 11])
+def test_the_held_out_images_are_the_references_random_split(n):
+    """Parity fix: the reference holds out random_split(train, [int(0.9 n), rest], seed 42)."""
+    from stad.data.datamodule import split_indices
+    from stad.run import held_out_split
+
+    train_set, val_set = torch.utils.data.random_split(
+        range(n), [int(0.9 * n), n - int(0.9 * n)], torch.Generator().manual_seed(42)
+    )
+    for seed in (0, 1):
+        split = held_out_split(compose_config(["method=efficientad", f"seed={seed}"]))
+        assert split == {"split_rule": "torch_random_split", "split_random_state": 42}
+        train, val = split_indices(n, 0.1, seed, split["split_rule"], split["split_random_state"])
+        assert train == sorted(train_set.indices) and val == sorted(val_set.indices)
+
+
+def test_the_target_statistics_read_the_first_batches_holding_enough_images():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5, generator=g) * 3 + 1 for _ in range(5)]
+    mean, std = ead.channel_statistics(iter(batches), images=8)  # the first two batches
+    pooled = torch.cat(batches[:2]).transpose(0, 1).flatten(1).double()
+    assert torch.allclose(mean.flatten().double(), pooled.mean(1), atol=1e-6)
+    assert torch.allclose(std.flatten().double(), pooled.std(1, unbiased=False), atol=1e-6)
+    assert mean.shape == std.shape == (1, 3, 1, 1)
+    with pytest.raises(StadError, match="no image"):
+        ead.channel_statistics(iter([]), images=1)
+
+
 @pytest.mark.slow
 def test_a_run_fits_its_statistics_on_training_images_only(data_cache, tmp_path, monkeypatch):
     seen: dict[str, list[str]] = {"teacher": [], "quantiles": []}

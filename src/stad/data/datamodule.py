@@ -189,7 +189,7 @@ class IndexedDataset(Dataset[Item]):
         return {**self.dataset[index], "index": index}
 
 
-SPLIT_RULES = ("seeded", "sklearn")
+SPLIT_RULES = ("seeded", "sklearn", "torch_random_split")
 """How held-out images are drawn: ``seeded`` is stad's permutation from the run's seed,
 ``round(n·fraction)`` held out; ``sklearn`` is ``sklearn.model_selection.train_test_split(range(n),
 test_size=fraction, random_state=state)`` (numpy's legacy ``RandomState(state).permutation``,
@@ -204,7 +204,9 @@ def split_indices(
     With the ``seeded`` rule the validation part is ``round(n * val_fraction)`` indices (at least
     one when the fraction is positive), drawn by a permutation seeded with ``seed``: the same seed
     gives the same split. With ``sklearn`` it is scikit-learn's ``train_test_split`` rule with
-    ``random_state`` (default: ``seed``).
+    ``random_state`` (default: ``seed``). With ``torch_random_split`` it is
+    ``torch.utils.data.random_split(range(n), [int((1 - val_fraction) * n), rest],
+    torch.Generator().manual_seed(random_state))`` (EfficientAD's reference code, seed 42).
 
     Raises:
         StadError: An unknown rule, or a positive fraction would leave no training image.
@@ -216,6 +218,17 @@ def split_indices(
     if val_fraction <= 0.0:
         return list(range(n)), []
     sklearn = rule == "sklearn"
+    state = seed if random_state is None else random_state
+    if rule == "torch_random_split":
+        n_train = int((1.0 - val_fraction) * n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(state)).tolist()
+        if n_train < 1 or n_train >= n:
+            raise StadError(
+                f"Holding out val_fraction={val_fraction} of {n} training image(s) by "
+                f"random_split leaves {n_train} to train on and {n - n_train} held out; "
+                "change val_fraction."
+            )
+        return sorted(order[:n_train]), sorted(order[n_train:])
     n_val = math.ceil(val_fraction * n) if sklearn else max(1, round(n * val_fraction))
     if n_val >= n:
         raise StadError(
@@ -223,7 +236,6 @@ def split_indices(
             "train on; lower val_fraction (or set it to 0)."
         )
     if sklearn:
-        state = seed if random_state is None else random_state
         order = np.random.RandomState(state).permutation(n).tolist()
     else:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -24,11 +24,12 @@ Stage: one stage of 70 000 steps at batch 1, Adam, learning rate ×0.1 after 95 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -460,6 +461,30 @@ def _endless(loader: torch.utils.data.DataLoader) -> Any:
         yield from loader
 
 
+def channel_statistics(batches: Iterable[Tensor], images: int) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std, pooled over positions and images, of the first B×C×H×W
+    batches that hold at least ``images`` images; both 1×C×1×1 (reference
+    ``feature_normalization``: the mean of per-batch means, equal to the pooled mean for equal
+    batches; its variance pass reads the *next* batches of its endless loader, stad's the same
+    ones: docs/parity.md)."""
+    total: Tensor | None = None
+    squares: Tensor | None = None
+    count, seen = 0, 0
+    for batch in batches:
+        flat = batch.double().transpose(0, 1).flatten(1)
+        total = flat.sum(1) if total is None else total + flat.sum(1)
+        squares = flat.pow(2).sum(1) if squares is None else squares + flat.pow(2).sum(1)
+        count += flat.shape[1]
+        seen += batch.shape[0]
+        if seen >= images:
+            break
+    if total is None or squares is None:
+        raise StadError("efficientad: no image for the teacher pretraining's target statistics")
+    mean = (total / count).float().view(1, -1, 1, 1)
+    std = (squares / count - (total / count).pow(2)).clamp(min=1e-12).sqrt().float()
+    return mean, std.view(1, -1, 1, 1)
+
+
 def distil_teacher(cfg: DictConfig, backbone: DictConfig) -> tuple[nn.Sequential, dict]:
     """Train the teacher PDN (with padding, as the reference's pretraining) to regress the
     normalised patch descriptors of the frozen backbone on natural images; returns the network
@@ -495,19 +520,8 @@ def distil_teacher(cfg: DictConfig, backbone: DictConfig) -> tuple[nn.Sequential
         return patch_descriptors(extractor(images), channels)
 
     # Target statistics over the first images (reference: feature_normalization, 10 000).
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
-    count, seen = 0, 0
-    while seen < int(t.normalisation_images):
-        big, _ = views(next(batches))
-        target = target_of(big).double().transpose(0, 1).flatten(1)
-        total += target.sum(1)
-        squares += target.pow(2).sum(1)
-        count += target.shape[1]
-        seen += big.shape[0]
-    mean = (total / count).float().view(1, -1, 1, 1)
-    std = (squares / count - (total / count).pow(2)).clamp(min=1e-12).sqrt().float()
-    std = std.view(1, -1, 1, 1)
+    targets = (target_of(views(next(batches))[0]) for _ in itertools.count())
+    mean, std = channel_statistics(targets, int(t.normalisation_images))
     from hydra.utils import instantiate
 
     optimizer = instantiate(t.optimizer)(net.parameters())

@@ -4,6 +4,7 @@
     python benchmarks/official_parity.py --method stfpm --official /path/to/STFPM
     python benchmarks/official_parity.py --method ast --official /path/to/AST     # parity_ast.py
     python benchmarks/official_parity.py --method aand --official /path/to/AAND   # parity_aand.py
+    python benchmarks/official_parity.py --method efficientad --official /path/to/EfficientAD
 
 ``--official`` is a checkout of the method's official repository (RD4AD: github hq-deng/RD4AD;
 STFPM: github gdwang08/STFPM), given by path: stad never downloads it and installs nothing.
@@ -566,9 +567,10 @@ PARITY = {
     "stfpm": stfpm_parity,
     "ast": _elsewhere("parity_ast", "ast_parity"),
     "aand": _elsewhere("parity_aand", "aand_parity"),
+    "efficientad": _elsewhere("parity_efficientad", "efficientad_parity"),
 }
-# The presets' resolutions: RD/STFPM/AAND 256 px, AST 768 px (its MVTec AD setting).
-SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256}
+# The presets' resolutions: RD/STFPM/AAND/EfficientAD 256 px, AST 768 px (its MVTec AD setting).
+SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256, "efficientad": 256}
 
 
 def _finite(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,12 +1,14 @@
 """Inference ms/image at batch 1 and images/s at batch 32 of every method, and of anomalib's
-STFPM and Reverse Distillation beside stad's at the same settings.
+STFPM, Reverse Distillation and EfficientAd (S and M) beside stad's at the same settings.
 
 stad's numbers come from :func:`stad.timing.measure_inference`, the function the run records
 them with (eval mode, no gradients, warm-up, median, accelerator synchronised). anomalib's
 torch models are timed the same way in eval mode (maps and scores, as its ``validation_step``),
 alternating with stad's, ``--repeats`` times; the ratio is the median of per-repetition ratios.
-Weights are random (speed does not depend on them; nothing downloads). A method that cannot be
-built here (e.g. it needs a pretraining step first) gets its error in the CSV instead.
+Weights are random (speed does not depend on them; nothing downloads): EfficientAD's teacher
+comes from a random PDN state-dict file (``method.teacher.weights``), so no pretraining runs, and
+it is timed as EfficientAD-S and EfficientAD-M (rows ``efficientad_s``, ``efficientad_m``). A
+method that cannot be built here gets its error in the CSV instead.
 
     python benchmarks/inference_speed.py [--methods stfpm rd dskd ast aand us] [--device cpu]
         [--backbone BACKBONE] [--image-size 256] [--repeats 3]
@@ -15,6 +17,7 @@ built here (e.g. it needs a pretraining step first) gets its error in the CSV in
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,24 +46,77 @@ class _PeerAsMethod(torch.nn.Module):
         return self.model(batch["image"])
 
 
-def _stad_method(name: str, backbone: str | None, device: torch.device) -> tuple[Method, str]:
+# Rows timed per registered method: EfficientAD as its two sizes (name, stad overrides).
+VARIANTS = {
+    "efficientad": [
+        ("efficientad_s", ["method.size=small"]),
+        ("efficientad_m", ["method.size=medium"]),
+    ]
+}
+
+
+def _stad_method(
+    name: str, backbone: str | None, device: torch.device, extra: list[str]
+) -> tuple[Method, str]:
     # dataset=mvtec: backbone=auto then resolves to the method's paper backbone (the generated
     # dataset's default would pick the offline EfficientNet-Lite0); no data is read.
-    overrides = [f"method={name}", "dataset=mvtec", "backbone.weights=random"]
+    overrides = [f"method={name}", "dataset=mvtec", "backbone.weights=random", *extra]
     if backbone:
         overrides.insert(1, f"backbone={backbone}")
     with initialize_config_module("stad.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    return build_method(cfg.method, cfg.backbone).to(device), str(cfg.backbone.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "efficientad":  # a random teacher file instead of the pretraining step
+            from stad.methods.efficientad import pdn
+
+            path = Path(tmp) / "teacher.pth"
+            torch.save(pdn(str(cfg.method.size), int(cfg.method.channels)).state_dict(), path)
+            cfg.method.teacher.weights = str(path)
+        method = build_method(cfg.method, cfg.backbone)
+    return method.to(device), str(cfg.backbone.name)
+
+
+def _efficientad_peer(size: str) -> torch.nn.Module:
+    """anomalib's EfficientAd torch model (unpadded PDNs, padded maps: its defaults), with
+    statistics and quantiles set so its normalisation runs as after training."""
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
+
+    model = EfficientAdModel(teacher_out_channels=384, model_size=size)
+    with torch.no_grad():
+        model.mean_std["std"].fill_(1.0)
+        model.quantiles["qb_st"].fill_(1.0)
+        model.quantiles["qb_ae"].fill_(1.0)
+    return model
+
+
+def _peer(name: str, size: int) -> torch.nn.Module | None:
+    """anomalib's model of a timed row, or None where anomalib has no such method."""
+    if name in training_speed.SETTINGS:
+        return training_speed.peer_model(name, size)
+    if name in ("efficientad_s", "efficientad_m"):
+        return _efficientad_peer("small" if name.endswith("_s") else "medium")
+    return None
+
+
+PEER_BACKBONES = {"efficientad_s": "pdn_small", "efficientad_m": "pdn_medium"}
 
 
 def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[str, Any]]:
-    """stad's speed for one method, and anomalib's beside it where it has the method."""
+    """stad's rows for one registered method (EfficientAD: S and M)."""
+    rows = []
+    for row, extra in VARIANTS.get(name, [(name, [])]):
+        rows += _bench_row(name, row, extra, args, peer)
+    return rows
+
+
+def _bench_row(
+    name: str, row: str, extra: list[str], args: argparse.Namespace, peer: bool
+) -> list[dict[str, Any]]:
+    """stad's speed for one row, and anomalib's beside it where it has the method."""
     device = torch.device(args.device)
-    paper = name in training_speed.SETTINGS and not args.backbone
     size = args.rd_image_size if name == "rd" and args.rd_image_size else args.image_size
     common = {
-        "method": name,
+        "method": row,
         "image_size": size,
         "device": _common.device_name(device),
         "load_1min": _common.load_average(),
@@ -70,12 +126,15 @@ def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[s
     batch = {"image": torch.rand(4, 3, size, size, device=device)}
     batch.update(_extras(batch["image"]))
     try:
-        method, backbone = _stad_method(name, args.backbone, device)
+        method, backbone = _stad_method(name, args.backbone, device, extra)
         if args.channels_last:
             method = method.to(memory_format=torch.channels_last)
     except Exception as err:  # a method that cannot be built here: report, go on
         return [{**common, "side": "stad", "error": f"{type(err).__name__}: {err}"[:200]}]
-    peer_model = _PeerAsMethod(training_speed.peer_model(name, size)) if peer and paper else None
+    # The peer only at the paper's backbone (EfficientAD has none: its PDNs are its own).
+    paper = not args.backbone or name == "efficientad"
+    peer_net = _peer(row, size) if peer and paper else None
+    peer_model = _PeerAsMethod(peer_net) if peer_net is not None else None
     if peer_model is not None:
         peer_model = peer_model.to(device)
     ours, theirs = [], []
@@ -88,7 +147,7 @@ def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[s
             channels_last=args.channels_last,
         )
         ours.append(speed)
-        line = f"{name} repeat {repeat}: stad {speed.ms_per_image_batch1:.1f} ms/img (b1), "
+        line = f"{row} repeat {repeat}: stad {speed.ms_per_image_batch1:.1f} ms/img (b1), "
         line += f"{speed.images_per_s_batch32:.2f} img/s (b32)"
         if peer_model is not None:
             their = measure_inference(peer_model, batch, repeats=args.calls, budget_s=args.budget)
@@ -100,7 +159,7 @@ def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[s
         {
             **common,
             "side": "stad",
-            "backbone": backbone,
+            "backbone": PEER_BACKBONES.get(row, backbone),
             "channels_last": args.channels_last,
             "ms_per_image_batch1": round(_common.median(s.ms_per_image_batch1 for s in ours), 2),
             "images_per_s_batch32": round(_common.median(s.images_per_s_batch32 for s in ours), 2),
@@ -118,7 +177,8 @@ def bench_method(name: str, args: argparse.Namespace, peer: bool) -> list[dict[s
             {
                 **common,
                 "side": "anomalib",
-                "backbone": training_speed.SETTINGS[name]["peer_backbone"],
+                "backbone": PEER_BACKBONES.get(row)
+                or training_speed.SETTINGS[name]["peer_backbone"],
                 "channels_last": False,
                 "ms_per_image_batch1": round(
                     _common.median(s.ms_per_image_batch1 for s in theirs), 2

@@ -263,3 +263,31 @@ def test_a_run_below_the_smallest_input_stops_before_training(data_cache, tmp_pa
     with pytest.raises(StadError, match=r"method\.min_image_size=256"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "record.json").exists()
+
+
+@pytest.mark.slow
+def test_the_loco_preset_reports_spro_of_logical_and_structural_anomalies(tmp_path):
+    from stad.data.fakes import write_fake_mvtec_loco
+
+    write_fake_mvtec_loco(tmp_path / "loco", n_train=3, n_validation=2, size_wh=(64, 64))
+    teacher = tmp_path / "teacher_small.pth"
+    torch.save(ead.pdn("small", 16).state_dict(), teacher)
+    cfg = compose_config(
+        [
+            "+experiment=efficientad_loco",
+            f"dataset.root={tmp_path}/loco",
+            "dataset.category=breakfast_box",
+            "trainer=smoke",
+            "method.channels=16",
+            f"method.teacher.weights={teacher}",
+            f"output_root={tmp_path}/out",
+        ]
+    )
+    record = run(cfg, tmp_path / "run")
+    metrics = record["metrics"]
+    data = record["data"]
+    assert data["val_source"].startswith("the dataset's own validation split"), data
+    assert (data["n_fit"], data["n_val"], data["spro_fpr_limit"]) == (3, 2, 0.05), data
+    for key in ("spro", "spro_logical", "spro_structural"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
+    assert record["method_info"]["map_quantiles"]["images"] == 2  # LOCO's validation/good

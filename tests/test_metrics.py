@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from stad.errors import StadError
-from stad.metrics import PRO, ImageAUROC, PixelAUROC
+from stad.metrics import PRO, ImageAUROC, PixelAP, PixelAUROC
 from stad.metrics import functional as F
 
 SEEDS = [0, 1, 2]
@@ -225,6 +225,57 @@ def test_pixel_auroc_without_anomalous_pixels_is_nan() -> None:
         metric.update(torch.rand(2, 8, 8), torch.zeros(2, 8, 8))
         with pytest.warns(UserWarning, match="normal and anomalous pixels"):
             assert math.isnan(float(metric.compute()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel AP
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("levels", [None, 50, 3])
+def test_pixel_ap_exact_equals_sklearn_on_random_and_tied_scores(seed: int, levels) -> None:
+    maps, masks = make_case(seed, n=9, size=32, levels=levels)
+    expected = average_precision_score(masks.flatten().numpy(), maps.flatten().numpy())
+    metric = PixelAP(mode="exact")
+    for start in range(0, 9, 4):
+        metric.update(maps[start : start + 4, None], masks[start : start + 4, None])
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("levels", [None, 50])
+def test_pixel_ap_binned_within_its_bound_and_1e3_of_sklearn(seed: int, levels) -> None:
+    maps, masks = make_case(seed, n=12, size=64, levels=levels)
+    expected = average_precision_score(masks.flatten().numpy(), maps.flatten().numpy())
+    binned = PixelAP()
+    value = pixel_value(binned, maps, masks)
+    bound = float(binned.error_bound())
+    assert abs(value - expected) <= bound + 1e-12
+    assert abs(value - expected) < 1e-3
+    coarse = PixelAP(num_bits=12)  # fewer, wider bins: a larger bound, still honoured
+    value = pixel_value(coarse, maps, masks)
+    assert abs(value - expected) <= float(coarse.error_bound()) + 1e-12
+
+
+def test_pixel_ap_edge_cases_follow_sklearn() -> None:
+    # Hand-made: scores 0.9 (+), 0.8 (−), 0.8 (+), 0.1 (−); the tie at 0.8 is one threshold:
+    # AP = 1/2 · 1 + 1/2 · 2/3.
+    maps = torch.tensor([[[0.9, 0.8], [0.8, 0.1]]])
+    masks = torch.tensor([[[1, 0], [1, 0]]])
+    for mode in ("exact", "binned"):
+        assert pixel_value(PixelAP(mode=mode), maps, masks) == pytest.approx(0.5 + 1 / 3)
+        only_anomalous = PixelAP(mode=mode)
+        only_anomalous.update(torch.rand(1, 4, 4), torch.ones(1, 4, 4))
+        assert float(only_anomalous.compute()) == 1.0
+        none = PixelAP(mode=mode)
+        none.update(torch.rand(2, 8, 8), torch.zeros(2, 8, 8))
+        with pytest.warns(UserWarning, match="anomalous pixels"):
+            assert math.isnan(float(none.compute()))
+    # Invariant to a strictly increasing transform (exact), like every stad metric.
+    maps, masks = make_case(3, n=4, size=32)
+    reference = pixel_value(PixelAP(mode="exact"), maps, masks)
+    assert pixel_value(PixelAP(mode="exact"), torch.exp(maps.double() * 20), masks) == reference
 
 
 # ----------------------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def _warn_split_revisions(rows: Iterable[Row]) -> None:
 def metric_names(runs: Sequence[Run]) -> list[str]:
     """Every metric the records report (common ones first), without error bounds."""
     names = {m for run in runs for m in run.record["metrics"] if not m.endswith("_error_bound")}
-    first = [m for m in ("image_auroc", "pixel_auroc", "pro") if m in names]
+    first = [m for m in ("image_auroc", "pixel_auroc", "pro", "pixel_ap") if m in names]
     return first + sorted(names - set(first))
 
 

@@ -40,6 +40,7 @@ METRIC_LABELS = {
     "image_auroc": "image AUROC",
     "pixel_auroc": "pixel AUROC",
     "pro": "PRO (AU-PRO up to FPR 0.3, normalised)",
+    "pixel_ap": "pixel AP (area under precision-recall)",
     "spro": "sPRO",
 }
 

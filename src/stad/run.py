@@ -42,7 +42,7 @@ from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
 from stad.methods import build_method
-from stad.metrics import PRO, ImageAUROC, PixelAUROC, dataset_metric
+from stad.metrics import PRO, ImageAUROC, PixelAP, PixelAUROC, dataset_metric
 from stad.results import (
     RECORD_NAME,
     SCHEMA_VERSION,
@@ -754,6 +754,8 @@ def _metrics(cfg: DictConfig, splits: DatasetSplits | None) -> dict[str, Any]:
         "image_auroc": ImageAUROC(),
         "pixel_auroc": PixelAUROC(),
         "pro": PRO(fpr_limit=limit),
+        # DeSTSeg and later work report it beside the AUROCs (area under precision-recall).
+        "pixel_ap": PixelAP(),
     }
     own = splits.metrics if splits is not None else {}
     return {**common, **{name: dataset_metric(name, args) for name, args in own.items()}}

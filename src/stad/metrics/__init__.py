@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics: image AUROC, pixel AUROC, PRO and MVTec LOCO's sPRO as
+"""Anomaly-detection metrics: image AUROC, pixel AUROC, pixel AP, PRO and MVTec LOCO's sPRO as
 torchmetrics ``Metric``s.
 
 Definitions, modes and error bounds are documented in docs/metrics.md; the pure math is in
@@ -8,10 +8,18 @@ Definitions, modes and error bounds are documented in docs/metrics.md; the pure 
 from typing import Any
 
 from stad.errors import lookup
-from stad.metrics.classes import PRO, ImageAUROC, PixelAUROC
+from stad.metrics.classes import PRO, ImageAUROC, PixelAP, PixelAUROC
 from stad.metrics.spro import SPRO
 
-__all__ = ["DATASET_METRICS", "PRO", "SPRO", "ImageAUROC", "PixelAUROC", "dataset_metric"]
+__all__ = [
+    "DATASET_METRICS",
+    "PRO",
+    "SPRO",
+    "ImageAUROC",
+    "PixelAP",
+    "PixelAUROC",
+    "dataset_metric",
+]
 
 DATASET_METRICS: dict[str, type] = {"spro": SPRO}
 """Metrics a dataset asks for beside the common ones (``DatasetSplits.metrics``), by name."""

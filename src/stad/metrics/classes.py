@@ -505,6 +505,35 @@ class PixelAUROC(_PixelMetric):
         return F.thin_curve(*F.as_curve(fpr, tpr), max_points)
 
 
+class PixelAP(PixelAUROC):
+    """Average precision over all test pixels (the area under the precision-recall curve as
+    ``sklearn.metrics.average_precision_score`` computes it: no interpolation, ties one
+    threshold), with the states and modes of :class:`PixelAUROC`.
+
+    Binned mode: each bin is one tie group; :meth:`error_bound` bounds the distance to the exact
+    value from the histograms (:func:`~stad.metrics.functional.average_precision_from_histograms`).
+    """
+
+    def compute(self) -> Tensor:
+        """Pixel AP (float64 scalar; NaN with a warning when no test pixel is anomalous)."""
+        if self.mode == "binned":
+            value, self._bound = F.average_precision_from_histograms(
+                self.positive_hist, self.negative_hist
+            )
+        else:
+            normal = _cat(self.normal_scores, torch.float32, self.device)
+            anomalous = _cat(self.anomalous_scores, normal.dtype, self.device)
+            value = F.average_precision_from_scores(normal, anomalous)
+            self._bound = torch.zeros((), dtype=torch.float64, device=value.device)
+        if torch.isnan(value):
+            self._warn_nan("the test set needs anomalous pixels")
+        return value
+
+    def curve(self, max_points: int | None = None) -> tuple[Tensor, Tensor]:
+        """Not offered: the report plots the ROC curves; the AP is a number."""
+        raise NotImplementedError("PixelAP has no curve; use PixelAUROC.curve for the ROC")
+
+
 class PRO(_PixelMetric):
     """Normalised area under the per-region-overlap curve up to an FPR limit (Bergmann et al.).
 

@@ -46,6 +46,8 @@ __all__ = [
     "au_pro",
     "auroc_from_histograms",
     "auroc_from_scores",
+    "average_precision_from_histograms",
+    "average_precision_from_scores",
     "bin_lower_edges",
     "binary_auroc",
     "check_fpr_limit",
@@ -405,6 +407,77 @@ def auroc_from_histograms(positive_hist: Tensor, negative_hist: Tensor) -> tuple
         ``(auroc, bound)``: float64 scalar tensors; NaN if a class is absent.
     """
     return _binned_area(positive_hist, negative_hist, float(positive_hist.sum()), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Average precision (area under the precision-recall curve, scikit-learn's definition)
+# ----------------------------------------------------------------------------------------------
+
+
+def _ap_from_groups(positives: Tensor, negatives: Tensor) -> Tensor:
+    """AP = sum over tie groups, highest score first, of (group positives / P) × the precision
+    at or above the group (scikit-learn's ``average_precision_score``: no interpolation)."""
+    positives, negatives = positives.double(), negatives.double()
+    total = float(positives.sum())
+    if total == 0:
+        return _nan(positives.device)
+    tp, fp = torch.cumsum(positives, 0), torch.cumsum(negatives, 0)
+    used = positives > 0
+    return (positives[used] / total * tp[used] / (tp[used] + fp[used])).sum()
+
+
+def average_precision_from_scores(negative_scores: Tensor, positive_scores: Tensor) -> Tensor:
+    """Exact average precision of the positives against the negatives (ties merged as one
+    threshold, as ``sklearn.metrics.average_precision_score``).
+
+    Returns:
+        float64 scalar tensor; NaN without positives (scikit-learn warns and returns 0); 1
+        without negatives, as scikit-learn.
+    """
+    if positive_scores.numel() == 0:
+        return _nan(negative_scores.device)
+    scores = torch.cat(
+        [positive_scores.reshape(-1), negative_scores.reshape(-1).to(positive_scores)]
+    )
+    labels = torch.cat(
+        [
+            torch.ones(positive_scores.numel(), dtype=torch.float64, device=scores.device),
+            torch.zeros(negative_scores.numel(), dtype=torch.float64, device=scores.device),
+        ]
+    )
+    order = torch.argsort(scores, descending=True, stable=True)
+    scores, labels = scores[order], labels[order]
+    _, counts = torch.unique_consecutive(scores, return_counts=True)
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=scores.device), counts)
+    positives = torch.zeros(counts.numel(), dtype=torch.float64, device=scores.device)
+    positives.index_add_(0, group, labels)
+    return _ap_from_groups(positives, counts.double() - positives)
+
+
+def average_precision_from_histograms(
+    positive_hist: Tensor, negative_hist: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Binned average precision and its error bound (bins in ascending score order).
+
+    Each bin is one tie group. A positive ranked k-th of its bin's p positives, below T
+    positives and F negatives of higher bins, has precision between (T + 1) / (T + F + n + 1)
+    (the bin's n negatives first) and (T + p) / (T + F + p) (its positives first) however the
+    bin's scores are ordered; the bound sums (p / P) × that range over the bins.
+
+    Returns:
+        ``(ap, bound)``: float64 scalar tensors; NaN without positives.
+    """
+    pos = torch.flip(positive_hist, [0]).double()
+    neg = torch.flip(negative_hist, [0]).double()
+    value = _ap_from_groups(pos, neg)
+    if torch.isnan(value):
+        return value, value.clone()
+    used = pos > 0
+    t = (torch.cumsum(pos, 0) - pos)[used]
+    f = (torch.cumsum(neg, 0) - neg)[used]
+    p, n = pos[used], neg[used]
+    spread = (t + p) / (t + f + p) - (t + 1) / (t + f + n + 1)
+    return value, (p / float(pos.sum()) * spread).sum()
 
 
 def _binned_area(

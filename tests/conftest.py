@@ -121,6 +121,8 @@ TINY_METHODS: dict[str, list[str]] = {
     "aand": ["method=aand"],
     "ast": ["method=ast", "method.input=rgb", "method.flow.hidden=16", "method.student.hidden=16"],
     "us": ["method=us", *SMALL_US, "method.students.count=2"],
+    # 64 px: rectangles of simplex noise from 3 px (the paper's 10 px need 88-px images).
+    "rdpp": ["method=rdpp", "method.noise.min_side=3"],
     # 256 px: the autoencoder's encoder needs it; a thin PDN and a tiny teacher pretraining.
     "efficientad": [
         "method=efficientad",

@@ -190,6 +190,11 @@ class Stage:
         scheduler_interval: ``"epoch"`` steps the scheduler after every epoch, ``"step"`` after
             every optimiser step.
         streams: auxiliary data streams by name (:class:`Stream`).
+        param_groups: optimizer options per trainable path that differ from the optimizer's
+            (e.g. ``{"student.projection": {"lr": 1e-3}}``: one optimizer, one parameter group
+            per trainable path; Adam is per-parameter, so this equals one optimizer per part).
+        accumulate: optimiser steps every ``accumulate`` batches, their gradients summed in
+            Lightning's way (the mean of the batches' gradients).
     """
 
     name: str
@@ -204,8 +209,18 @@ class Stage:
     steps: int | None = None
     scheduler_interval: str = "epoch"
     streams: dict[str, Stream] = field(default_factory=dict)
+    param_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.param_groups) - set(self.trainable))
+        if unknown:
+            raise StadError(
+                f"stage {self.name}: param_groups names {unknown}, which the stage does not "
+                f"train (trainable: {list(self.trainable)})"
+            )
+        if int(self.accumulate) < 1:
+            raise StadError(f"stage {self.name}: accumulate={self.accumulate}; use 1 or more")
         if self.selection not in ("last", "min_val_loss"):
             raise StadError(
                 f"stage {self.name}: selection must be 'last' or 'min_val_loss', "
@@ -237,8 +252,9 @@ class Stage:
     ) -> Stage:
         """A stage from its yaml block: ``epochs`` or ``steps``, ``optimizer`` (a ``_partial_``
         target), optional ``scheduler`` (a ``_partial_`` target) and ``scheduler_interval``,
-        ``selection`` and ``drop_last``."""
+        ``selection``, ``drop_last``, ``param_groups`` and ``accumulate``."""
         scheduler = cfg.get("scheduler")
+        groups = cfg.get("param_groups") or {}
         epochs, steps = cfg.get("epochs"), cfg.get("steps")
         return cls(
             name=name,
@@ -251,6 +267,8 @@ class Stage:
             scheduler_interval=str(cfg.get("scheduler_interval", "epoch")),
             selection=str(cfg.get("selection", "last")),
             drop_last=bool(cfg.get("drop_last", False)),
+            param_groups={str(k): dict(v) for k, v in groups.items()},
+            accumulate=int(cfg.get("accumulate", 1)),
             **kwargs,
         )
 
@@ -323,6 +341,24 @@ def stage_parameters(method: Method, stage: Stage) -> Iterator[nn.Parameter]:
                 yield p
 
 
+def optimizer_groups(method: Method, stage: Stage) -> list[dict[str, Any]]:
+    """The stage's parameters as optimizer parameter groups: one per trainable path that has
+    options of its own (:attr:`Stage.param_groups`), the rest in one group."""
+    if not stage.param_groups:
+        return [{"params": list(stage_parameters(method, stage))}]
+    seen: set[int] = set()
+    groups: list[dict[str, Any]] = []
+    rest: list[nn.Parameter] = []
+    for path in stage.trainable:
+        params = [p for p in method.submodule(path).parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if path in stage.param_groups:
+            groups.append({"params": params, **stage.param_groups[path]})
+        else:
+            rest += params
+    return ([{"params": rest}] if rest else []) + groups
+
+
 class StageModule(L.LightningModule):
     """Runs one Stage of a Method under Lightning (fit), or evaluates the Method (test).
 
@@ -379,7 +415,7 @@ class StageModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         assert self.stage is not None, "configure_optimizers needs a stage"
-        optimizer = self.stage.optimizer(list(stage_parameters(self.method, self.stage)))
+        optimizer = self.stage.optimizer(optimizer_groups(self.method, self.stage))
         if self.stage.scheduler is None:
             return optimizer
         scheduler = self.stage.scheduler(optimizer)

@@ -480,8 +480,11 @@ def _trainer(
     callbacks: list[L.Callback] | None = None,
     max_steps: int = -1,
     limit_val_batches: int | float | None = None,
+    accumulate: int = 1,
 ) -> L.Trainer:
     options = lightning_options(cfg.trainer)
+    if accumulate > 1:  # the stage's own (Stage.accumulate), over any trainer preset's
+        options["accumulate_grad_batches"] = accumulate
     if limit_val_batches is not None:
         options["limit_val_batches"] = limit_val_batches
     if not validate:
@@ -567,6 +570,7 @@ def _fit_stage(
         validate=stage.selection != "last",
         callbacks=callbacks,
         max_steps=steps,
+        accumulate=stage.accumulate,
     )
     ckpt_path = str(last) if last.is_file() else None
     if ckpt_path:

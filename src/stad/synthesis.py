@@ -6,9 +6,12 @@ an augmented texture and blended with a random opacity:
 ``x̃ = (1 − m)·x + m·((1 − β)·τ + β·x)``, β ~ U(0, max_opacity). The returned mask ``m`` is exact:
 the corrupted pixels are the pixels where ``m > 0`` and no other pixel changes.
 
-Everything runs on the batch's device (a method's stage calls it inside its loss, the datamodule
-is untouched); every random draw comes from one CPU ``torch.Generator``, so the synthesis is
-deterministic given its seed on any device.
+Everything runs on the batch's device (the runner applies it to each training batch as a
+derived stream, the datamodule is untouched); every random draw comes from one CPU
+``torch.Generator``, so the synthesis is deterministic given its seed on any device.
+
+RD++'s pseudo-anomalies (:class:`SimplexNoise`) are a simpler kind: a rectangle of fractal 3-D
+simplex noise added to the image.
 
 Texture sources (``TextureSource``): a folder of images (DTD in DRAEM and AAND), scikit-image's
 bundled images (offline default, no download), the other images of the batch, or procedural
@@ -712,3 +715,113 @@ def build_synthesizer(
         seed=seed,
         **options,
     )
+
+
+# -- RD++: simplex-noise pseudo-anomalies ------------------------------------------------------
+def fractal_simplex(
+    shape: tuple[int, int, int],
+    seed: int,
+    octaves: int = 6,
+    persistence: float = 0.6,
+    frequency: float = 32.0,
+) -> np.ndarray:
+    """Layered 3-D OpenSimplex noise on the integer grid of ``shape`` (z, y, x), float64: the sum
+    over octaves of amplitude · noise3(x/f, y/f, z/f), f halving and the amplitude multiplied
+    by ``persistence`` per octave (RD++'s ``Simplex_CLASS.rand_3d_octaves``, a copy of the
+    opensimplex package's noise, which stad uses)."""
+    try:
+        import opensimplex
+    except ImportError:
+        raise StadError(
+            "simplex noise (RD++'s pseudo-anomalies) needs opensimplex; install it with "
+            "pip install 'stad[rdpp]'"
+        ) from None
+    noise = opensimplex.OpenSimplex(seed=int(seed))
+    z, y, x = (np.arange(n, dtype=np.float64) for n in shape)
+    out = np.zeros(shape, dtype=np.float64)
+    amplitude = 1.0
+    for _ in range(int(octaves)):
+        out += amplitude * noise.noise3array(x / frequency, y / frequency, z / frequency)
+        frequency /= 2
+        amplitude *= persistence
+    return out
+
+
+class SimplexNoise:
+    """RD++'s pseudo-anomaly (official ``MVTecDataset_train``): per image a rectangle of h × w
+    pixels, h and w ~ U{min_side … side/8 − 1}, top-left corner ~ U{1 … side − h − 1}, gets
+    ``scale`` × fractal simplex noise added to all three channels of the [0, 1] image (no
+    clipping). The noise is the top-left h × w corner of one field per seed, as the official
+    code evaluates one fixed noise on a grid from the origin for every image.
+
+    Draws come from a CPU generator restarted per epoch from (seed, epoch) (:meth:`set_epoch`).
+    """
+
+    def __init__(
+        self,
+        octaves: int = 6,
+        persistence: float = 0.6,
+        frequency: float = 32.0,
+        scale: float = 0.2,
+        min_side: int = 10,
+        max_side_divisor: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.octaves, self.persistence, self.frequency = octaves, persistence, frequency
+        self.scale, self.min_side, self.max_side_divisor = scale, min_side, max_side_divisor
+        self.seed = seed
+        self.noise_seed = int(np.random.SeedSequence([seed, 0x51]).generate_state(1)[0])
+        self.generator = torch.Generator().manual_seed(seed)
+        self._fields: dict[tuple[int, int], Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the draws at a point given by (seed, epoch)."""
+        self.generator.manual_seed(
+            int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        )
+
+    def _field(self, h: int, w: int) -> Tensor:
+        if (h, w) not in self._fields:
+            shape = (3, h // self.max_side_divisor, w // self.max_side_divisor)
+            values = fractal_simplex(
+                shape, self.noise_seed, self.octaves, self.persistence, self.frequency
+            )
+            self._fields[(h, w)] = torch.from_numpy(values).float()
+        return self._fields[(h, w)]
+
+    def _side(self, side: int) -> tuple[int, int]:
+        """(length, start) of one side's rectangle (numpy's randint bounds: high excluded)."""
+        high = side // self.max_side_divisor
+        if high <= self.min_side:
+            raise StadError(
+                f"simplex noise: images of side {side} leave no rectangle of at least "
+                f"{self.min_side} px below side/{self.max_side_divisor}; use image_size >= "
+                f"{(self.min_side + 1) * self.max_side_divisor}"
+            )
+        length = int(torch.randint(self.min_side, high, (), generator=self.generator))
+        start = int(torch.randint(1, side - length, (), generator=self.generator))
+        return length, start
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """The batch (B×3×H×W in [0, 1]) with one noise rectangle per image."""
+        h, w = images.shape[-2:]
+        field = self._field(int(h), int(w))
+        noise = torch.zeros_like(images, dtype=torch.float32)
+        for i in range(images.shape[0]):
+            nh, top = self._side(int(h))
+            nw, left = self._side(int(w))
+            noise[i, :, top : top + nh, left : left + nw] = self.scale * field[:, :nh, :nw]
+        return images + noise.to(images.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """What the record says of the noise."""
+        return {
+            "kind": "simplex_noise",
+            "octaves": self.octaves,
+            "persistence": self.persistence,
+            "frequency": self.frequency,
+            "scale": self.scale,
+            "min_side": self.min_side,
+            "max_side_divisor": self.max_side_divisor,
+        }

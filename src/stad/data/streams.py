@@ -10,6 +10,9 @@ Kinds:
 - ``synthetic_anomalies``: derived from each main batch, not loaded: its images with synthetic
   anomalies (``stad.synthesis``; keys ``synthesis``, ``size``, ``category``), as
   ``{"image", "mask", "foreground"}``, drawn from (run seed, epoch) alone (e.g. AAND's stage 1).
+- ``simplex_noise``: derived too: the batch's images with a rectangle of fractal simplex noise
+  added (``stad.synthesis.SimplexNoise``; its keyword arguments as keys), as ``{"image"}``
+  (RD++'s noisy view).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from stad.data.base import Item
 from stad.data.images import as_hw, load_rgb
 from stad.errors import StadError
 from stad.fileio import is_image_file
-from stad.synthesis import AnomalySynthesizer, build_synthesizer
+from stad.synthesis import AnomalySynthesizer, SimplexNoise, build_synthesizer
 
-STREAM_KINDS = ("folder", "train", "synthetic_anomalies")
-DERIVED_KINDS = ("synthetic_anomalies",)
+STREAM_KINDS = ("folder", "train", "synthetic_anomalies", "simplex_noise")
+DERIVED_KINDS = ("synthetic_anomalies", "simplex_noise")
 
 
 class FolderImages(Dataset[Item]):
@@ -80,6 +83,25 @@ class SyntheticAnomalies:
         return {"kind": "synthetic_anomalies", **self.synthesizer.describe()}
 
 
+class NoisyImages:
+    """A stream derived from each main batch: its images with simplex noise added."""
+
+    def __init__(self, noise: SimplexNoise) -> None:
+        self.noise = noise
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the draws at a point given by (seed, epoch)."""
+        self.noise.set_epoch(epoch)
+
+    def __call__(self, batch: Item) -> Item:
+        """``{"image"}``: the batch's images with one noise rectangle each."""
+        return {"image": self.noise(batch["image"])}
+
+    def describe(self) -> dict[str, Any]:
+        """What the record says of the stream."""
+        return self.noise.describe()
+
+
 def is_derived(source: Mapping[str, Any]) -> bool:
     """Whether a stream is computed from the main batch rather than loaded."""
     return str(source.get("kind", "")) in DERIVED_KINDS
@@ -87,7 +109,7 @@ def is_derived(source: Mapping[str, Any]) -> bool:
 
 def build_derived_stream(
     source: Mapping[str, Any], image_size: int, seed: int
-) -> SyntheticAnomalies:
+) -> SyntheticAnomalies | NoisyImages:
     """The per-batch stream of a derived ``source`` (see :func:`is_derived`), seeded by the
     run's ``seed``.
 
@@ -96,6 +118,14 @@ def build_derived_stream(
     """
     if not is_derived(source):
         raise StadError(f"stream kind {source.get('kind')!r} is loaded, not derived from a batch")
+    if source.get("kind") == "simplex_noise":
+        options = {k: v for k, v in source.items() if k != "kind"}
+        try:
+            return NoisyImages(SimplexNoise(seed=seed, **options))
+        except TypeError as err:
+            raise StadError(
+                f"simplex_noise stream: {err}; see stad.synthesis.SimplexNoise"
+            ) from None
     if not isinstance(source.get("synthesis"), Mapping):
         raise StadError(
             "a synthetic_anomalies stream needs its settings: "

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from stad.backbones import loading_checkpoint
 from stad.core import Method, PretrainData
 from stad.errors import lookup
-from stad.methods import aand, ast, dskd, efficientad, rd, stfpm, us
+from stad.methods import aand, ast, dskd, efficientad, rd, rdpp, stfpm, us
 
 METHODS: dict[str, ModuleType] = {
     "stfpm": stfpm,
@@ -27,6 +27,7 @@ METHODS: dict[str, ModuleType] = {
     "us": us,
     "aand": aand,
     "efficientad": efficientad,
+    "rdpp": rdpp,
 }
 
 

@@ -5,6 +5,7 @@
     python benchmarks/official_parity.py --method ast --official /path/to/AST     # parity_ast.py
     python benchmarks/official_parity.py --method aand --official /path/to/AAND   # parity_aand.py
     python benchmarks/official_parity.py --method efficientad --official /path/to/EfficientAD
+    python benchmarks/official_parity.py --method rdpp --official /path/to/RD++   # parity_rdpp.py
 
 ``--official`` is a checkout of the method's official repository (RD4AD: github hq-deng/RD4AD;
 STFPM: github gdwang08/STFPM), given by path: stad never downloads it and installs nothing.
@@ -568,9 +569,10 @@ PARITY = {
     "ast": _elsewhere("parity_ast", "ast_parity"),
     "aand": _elsewhere("parity_aand", "aand_parity"),
     "efficientad": _elsewhere("parity_efficientad", "efficientad_parity"),
+    "rdpp": _elsewhere("parity_rdpp", "rdpp_parity"),
 }
 # The presets' resolutions: RD/STFPM/AAND/EfficientAD 256 px, AST 768 px (its MVTec AD setting).
-SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256, "efficientad": 256}
+SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256, "efficientad": 256, "rdpp": 256}
 
 
 def _finite(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -65,3 +65,59 @@ def test_a_record_written_before_its_index_entry_still_counts_as_done(tmp_path):
     assert find_previous_run(tmp_path / "out", "other") is None
     register_run(tmp_path / "out", "abc123", run_dir)
     assert find_previous_run(tmp_path / "out", "abc123") == run_dir.resolve()
+
+
+def _strict_load(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_non_finite_number_is_written_as_null(tmp_path):
+    import numpy as np
+    import torch
+
+    data = {
+        "schema_free": [float("nan"), float("inf"), -float("inf"), 0.5],
+        "nested": {"a": np.float64("nan"), "b": torch.tensor(float("nan")), "c": np.float32(2.0)},
+    }
+    path = tmp_path / "x.json"
+    write_json_atomic(path, data)
+    back = _strict_load(path.read_text())
+    assert back["schema_free"] == [None, None, None, 0.5]
+    assert back["nested"] == {"a": None, "b": None, "c": 2.0}
+
+
+@pytest.mark.slow
+def test_an_image_level_run_writes_strict_json_with_the_reason(tmp_path):
+    from conftest import compose_config
+
+    from stad.data.fakes import write_fake_folder
+    from stad.leaderboard import main as leaderboard
+    from stad.run import run
+
+    root = write_fake_folder(tmp_path / "data", defects={"crack": 3}, mask_dir=None)
+    cfg = compose_config(
+        [
+            "dataset=folder",
+            f"dataset.root={root}",
+            "dataset.mask_dir=null",
+            "backbone=tf_efficientnet_lite0",
+            "backbone.weights=random",
+            "trainer=smoke",
+            "image_size=64",
+            f"output_root={tmp_path}/out",
+        ]
+    )
+    run(cfg, tmp_path / "run")
+    record = _strict_load((tmp_path / "run" / RECORD_NAME).read_text())
+    metrics = record["metrics"]
+    assert isinstance(metrics["image_auroc"], float)
+    for name in ("pixel_auroc", "pro", "pixel_ap"):
+        assert metrics[name] is None, (name, metrics)
+        assert "anomalous pixel" in record["metrics_undefined"][name]
+    # The leaderboard and the report read it.
+    leaderboard([f"runs={tmp_path / 'run'}", f"out={tmp_path / 'board.csv'}"])
+    assert "image_auroc" in (tmp_path / "board.csv").read_text()
+    assert "undefined" in (tmp_path / "run" / "report.html").read_text()

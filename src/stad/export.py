@@ -40,7 +40,7 @@ from stad.cli import (
     usage,
 )
 from stad.errors import StadError
-from stad.fileio import write_atomic
+from stad.fileio import dumps_strict, write_atomic
 from stad.scoring import check_image_inputs, iter_scored, list_inputs
 
 if TYPE_CHECKING:
@@ -434,7 +434,7 @@ def _update_record(path: Path, fmt: str, info: dict[str, Any]) -> None:
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(path.read_text())
     record[fmt] = info
-    write_atomic(path, json.dumps(record, indent=2) + "\n")
+    write_atomic(path, dumps_strict(record) + "\n")
 
 
 def _tolerance(text: str) -> float:

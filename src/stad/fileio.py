@@ -5,6 +5,7 @@ the image-file filter every reader and image folder shares."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -39,9 +40,29 @@ def write_atomic(path: Path, data: str | bytes | Callable[[Path], None]) -> Path
     return path
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every NaN or infinite float (Python or numpy/torch scalar) as None, so
+    that it serialises as strict JSON (RFC 8259 has no NaN; browsers' ``JSON.parse`` refuses
+    it)."""
+    if isinstance(data, Mapping):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v) for v in data]
+    if hasattr(data, "item") and getattr(data, "ndim", 1) == 0:
+        data = data.item()
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def dumps_strict(data: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``data`` (:func:`strict_json`; ``allow_nan=False`` guards it)."""
+    return json.dumps(strict_json(data), indent=indent, default=_jsonable, allow_nan=False)
+
+
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (:func:`write_atomic`)."""
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    """Write strict JSON atomically (:func:`write_atomic`, :func:`dumps_strict`)."""
+    write_atomic(path, dumps_strict(data) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

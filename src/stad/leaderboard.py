@@ -341,6 +341,11 @@ def metric_names(runs: Sequence[Run]) -> list[str]:
     return first + sorted(names - set(first))
 
 
+def _metric(value: float | None) -> float:
+    """A record's metric; an undefined one (null in the record) counts as NaN."""
+    return math.nan if value is None else float(value)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float | str]:
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else ""
@@ -349,7 +354,9 @@ def _mean_std(values: list[float]) -> tuple[float, float | str]:
 def summarise(row: Row, metrics: Sequence[str]) -> None:
     """Mean and std over the row's seeds of each metric, seeds, training and inference time."""
     for name in metrics:
-        values = [float(r.record["metrics"][name]) for r in row.runs if name in r.record["metrics"]]
+        values = [
+            _metric(r.record["metrics"][name]) for r in row.runs if name in r.record["metrics"]
+        ]
         if values:
             row.values[name], row.values[f"{name}_std"] = _mean_std(values)
     row.values["n_seeds"] = len(row.runs)
@@ -401,7 +408,7 @@ def _seed_std(members: Sequence[Row], name: str) -> float | str:
     by_seed: dict[int, list[float]] = defaultdict(list)
     for member in members:
         for run in member.runs:
-            by_seed[run.record["seed"]].append(float(run.record["metrics"][name]))
+            by_seed[run.record["seed"]].append(_metric(run.record["metrics"][name]))
     per_seed = [statistics.fmean(v) for v in by_seed.values()]
     return statistics.stdev(per_seed) if len(per_seed) > 1 else ""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from stad.cli import (
     usage,
 )
 from stad.errors import StadError
-from stad.fileio import write_atomic
+from stad.fileio import dumps_strict, write_atomic
 from stad.scoring import (
     NORMAL,
     Skipped,
@@ -298,7 +297,7 @@ def predict(opts: dict[str, Any]) -> PredictResult:
     )
     write_atomic(
         out / "thresholds.json",
-        json.dumps(_thresholds_document(loaded, opts, thresholds, vrange), indent=2) + "\n",
+        dumps_strict(_thresholds_document(loaded, opts, thresholds, vrange)) + "\n",
     )
     return PredictResult(out, len(rows), skipped, thresholds)
 

@@ -183,6 +183,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[in
 
 
 def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "undefined"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return html.escape(str(value))
     if isinstance(value, float) and math.isnan(value):

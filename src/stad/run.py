@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import resource
@@ -41,6 +42,7 @@ from stad.data.streams import build_derived_stream, build_stream, is_derived
 from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
+from stad.fileio import strict_json
 from stad.methods import build_method
 from stad.metrics import PRO, ImageAUROC, PixelAP, PixelAUROC, dataset_metric
 from stad.results import (
@@ -166,6 +168,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     examples = gather_examples(tested.examples, int(cfg.examples))  # collective: every rank
     data_info = {**datamodule.info, "fingerprint": fingerprint}
     record = _record(cfg, method, data_info, reports, tested.metrics, tested.extra, tested.ms)
+    if tested.undefined:  # written as null, with the reason
+        record["metrics_undefined"] = tested.undefined
     record["inference"] = speed
     record["thresholds"] = with_test_counts(thresholds, tested.counts)
     if validated is not None:
@@ -748,7 +752,7 @@ def _validate(
     values: dict[str, Any] = {}
     for name, metric in module.metrics.items():
         values.update(metric_values(name, cast("Metric", metric).compute()))
-    return {**values, "n_images": len(dataset), "synthesis": dataset.description}
+    return {**strict_json(values), "n_images": len(dataset), "synthesis": dataset.description}
 
 
 def _metrics(cfg: DictConfig, splits: DatasetSplits | None) -> dict[str, Any]:
@@ -778,6 +782,8 @@ class TestOutcome:
 
     metrics: dict[str, float]
     extra: dict[str, Any]
+    # metric -> why it is undefined (NaN, written as null), e.g. no anomalous pixel
+    undefined: dict[str, str]
     examples: list[dict]
     ms: float
     counts: dict[str, Any]
@@ -807,9 +813,13 @@ def _test(
     trainer = _trainer(cfg, run_dir, 1, "test")
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics: dict[str, float] = {}
+    undefined: dict[str, str] = {}
     for name, metric in module.metrics.items():
         if name != COUNTS:
-            metrics.update(metric_values(name, cast("Metric", metric).compute()))
+            values = metric_values(name, cast("Metric", metric).compute())
+            reason = getattr(metric, "undefined_reason", None) or "not computable on this test set"
+            undefined.update({k: reason for k, v in values.items() if not math.isfinite(v)})
+            metrics.update(values)
     extra = {
         f"{name}_error_bound": float(cast(Any, m).error_bound())
         for name, m in module.metrics.items()
@@ -820,6 +830,7 @@ def _test(
     return TestOutcome(
         metrics,
         extra,
+        undefined,
         module.examples,
         ms,
         counts.compute(),
@@ -879,7 +890,8 @@ def _record(
         "weights": info.pop("teacher_weights", None),
         "seed": int(cfg.seed),
         "image_size": int(cfg.image_size),
-        "metrics": {**metrics, **extra},
+        # strict JSON: an undefined (NaN) metric is null, its reason in "metrics_undefined"
+        "metrics": strict_json({**metrics, **extra}),
         "train_seconds": {r.name: round(r.seconds, 3) for r in reports},
         "stages": [asdict(r) for r in reports],
         "inference_ms_per_image": round(ms_per_image, 3),
@@ -919,16 +931,20 @@ def _threshold_rows(thresholds: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _four(value: float | None) -> str:
+    return "undefined (null)" if value is None else f"{value:.4f}"
+
+
 def print_summary(record: dict[str, Any], run_dir: Path) -> None:
     """A short metrics table on stdout."""
     m = record["metrics"]
     rows = [
         ("dataset", f"{record['dataset']}/{record['category']}"),
         ("method", f"{record['method']} ({record['backbone']})"),
-        ("image AUROC", f"{m['image_auroc']:.4f}"),
-        ("pixel AUROC", f"{m['pixel_auroc']:.4f}"),
-        ("PRO (FPR<=0.3)", f"{m['pro']:.4f}"),
-        *((name, f"{value:.4f}") for name, value in m.items() if _is_extra_metric(name)),
+        ("image AUROC", _four(m.get("image_auroc"))),
+        ("pixel AUROC", _four(m.get("pixel_auroc"))),
+        ("PRO (FPR<=0.3)", _four(m.get("pro"))),
+        *((name, _four(value)) for name, value in m.items() if _is_extra_metric(name)),
         ("train seconds", f"{sum(record['train_seconds'].values()):.1f}"),
         ("inference ms/img", f"{record['inference_ms_per_image']:.1f}"),
         *_speed_rows(record.get("inference")),

@@ -243,6 +243,8 @@ class _AnomalyMetric(Metric):
         super().__init__(**kwargs)
         self.validate_args = validate_args
         self._bound: Tensor | None = None
+        # Why the last compute() was NaN (None when it was defined).
+        self.undefined_reason: str | None = None
 
     def _follow(self, preds: Tensor) -> None:
         # Accumulate where the model runs: move the states to the inputs, never the reverse.
@@ -251,6 +253,7 @@ class _AnomalyMetric(Metric):
         self._bound = None
 
     def _warn_nan(self, why: str) -> None:
+        self.undefined_reason = why
         rank_zero_warn(f"{type(self).__name__} is undefined (NaN): {why}.", UserWarning)
 
     def error_bound(self) -> Tensor:
@@ -281,6 +284,7 @@ class _AnomalyMetric(Metric):
         """Clear the states and the stored error bound."""
         super().reset()
         self._bound = None
+        self.undefined_reason = None
 
 
 class ImageAUROC(_AnomalyMetric):

@@ -6,8 +6,9 @@
 Each revision's ``src`` and ``conf`` are exported with ``git archive`` into a scratch folder and
 run with this environment's Python (``PYTHONPATH`` first), one thread, seed 0, on the generated
 dataset (both categories, 64 px, 16 training images, 12 optimiser steps per stage and 12
-pretraining steps). ``--set`` adds overrides to both sides (e.g. a default that changed on
-purpose between the revisions, pinned to its old value). Exits non-zero unless image AUROC,
+pretraining steps). ``--set [METHOD:]KEY=VALUE`` adds an override to both sides, for every
+method or for METHOD only (e.g. a default that changed on purpose between the revisions, pinned
+to its old value). Exits non-zero unless image AUROC,
 pixel AUROC and PRO are bit-equal for every run.
 """
 
@@ -68,6 +69,16 @@ def run(src: Path, method: str, category: str, out: Path, extra: list[str]) -> d
     return {k: metrics[k] for k in KEYS}
 
 
+def _applies(option: str, method: str) -> bool:
+    head = option.split("=", 1)[0]
+    return ":" not in head or head.split(":", 1)[0] == method
+
+
+def _override(option: str) -> str:
+    head, value = option.split("=", 1)
+    return f"{head.split(':', 1)[-1]}={value}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old")
@@ -75,7 +86,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["stfpm", "rd", "dskd", "ast", "aand", "us"]
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="behaviour-")))
     args = parser.parse_args()
     sources = {
@@ -84,9 +95,10 @@ def main() -> None:
     same = True
     print(f"{'run':18s} {'metric':12s} {args.old:>20s} {args.new:>20s}")
     for method in args.methods:
+        extra = [_override(o) for o in args.set if _applies(o, method)]
         for category in ("object", "texture"):
             values = [
-                run(src, method, category, args.out / f"runs-{i}", args.set)
+                run(src, method, category, args.out / f"runs-{i}", extra)
                 for i, src in enumerate(sources.values())
             ]
             for key in KEYS:

@@ -673,13 +673,38 @@ class Board:
     failures: list[Failure]
 
 
+def per_defect_runs(runs: Sequence[Run]) -> list[Run]:
+    """One pseudo-run per defect type of each run (category ``<category>/<defect>``, the
+    type's metrics from the record's ``per_defect``); runs without them are left out, said once."""
+    out: list[Run] = []
+    without = 0
+    for run in runs:
+        per_defect = run.record.get("per_defect") or {}
+        without += not per_defect
+        for defect, values in sorted(per_defect.items()):
+            metrics = {k: v for k, v in values.items() if k != "undefined"}
+            record = {**run.record, "category": f"{run.record['category']}/{defect}"}
+            out.append(Run(run.path, {**record, "metrics": metrics}, run.config, run.key))
+    if without:
+        print(
+            f"stad-leaderboard: note: {without} run(s) have no per-defect results (one defect "
+            "type, or metrics.per_defect=false); by=defect leaves them out",
+            file=sys.stderr,
+        )
+    if not out:
+        raise StadError("by=defect: no record holds per-defect results")
+    return out
+
+
 def collect(
     dirs: Sequence[str | Path],
     paper: bool = False,
     keep_latest: bool = False,
     skip_invalid: bool = False,
+    by: str = "category",
 ) -> Board:
-    """Read every record under ``dirs`` into leaderboard rows; list the failed runs apart."""
+    """Read every record under ``dirs`` into leaderboard rows (one per category, or with
+    ``by="defect"`` one per category and defect type); list the failed runs apart."""
     failures = find_failures(dirs)
     try:
         runs = drop_duplicates(load_runs(find_records(dirs), skip_invalid), keep_latest)
@@ -690,6 +715,8 @@ def collect(
             lines = "\n  ".join(_failure_line(f) for f in failures)
             raise StadError(f"{err}\n{len(failures)} runs failed:\n  {lines}") from err
         raise
+    if by == "defect":
+        runs = per_defect_runs(runs)
     metrics = metric_names(runs)
     rows = group_rows(runs)
     for row in rows:
@@ -761,6 +788,12 @@ LEADERBOARD_OPTIONS: dict[str, Option] = {
         "one PNG bar chart per dataset and metric: a folder, or true for <out stem>_plots/ "
         "beside out",
     ),
+    "by": Option(
+        parse_choice("category", "defect"),
+        "category",
+        "one row per category, or per category and defect type (record.json per_defect; the "
+        "dataset mean is then over defect types)",
+    ),
     "plot_groups": Option(
         parse_choice("method", "category"),
         "method",
@@ -791,7 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_options(argv, LEADERBOARD_OPTIONS, COMMAND, required=("runs",))
         plot_dir = _plot_dir(opts)
-        board = collect(opts["runs"], opts["paper"], opts["keep_latest"], opts["skip_invalid"])
+        board = collect(
+            opts["runs"], opts["paper"], opts["keep_latest"], opts["skip_invalid"], opts["by"]
+        )
         text = render(board, opts["paper"], opts["format"])
     except StadError as err:
         print(f"stad-leaderboard: error: {err}", file=sys.stderr)

@@ -129,6 +129,7 @@ def write_report(
     body = [
         _header(record),
         _metrics_section(record.get("metrics") or {}),
+        _per_defect_section(record.get("per_defect") or {}),
         _thresholds_section(thresholds),
         _curves_section(curves, record.get("metrics") or {}),
         _histogram_section(image_scores, image_labels, image_threshold),
@@ -214,6 +215,27 @@ def _metrics_section(metrics: Mapping[str, Any]) -> str:
         "binned (bounded-memory) pixel metric from the exact one.</p>"
     )
     return _section("metrics", "Metrics", table, note)
+
+
+PER_DEFECT_METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap")
+
+
+def _per_defect_section(per_defect: Mapping[str, Any]) -> str:
+    """One row per defect type (empty when the record has none)."""
+    if not per_defect:
+        return ""
+    rows = [
+        (html.escape(str(defect)), *(_number(values.get(m)) for m in PER_DEFECT_METRICS))
+        for defect, values in sorted(per_defect.items())
+    ]
+    headers = ("defect type", *(METRIC_LABELS.get(m, m).split(" (")[0] for m in PER_DEFECT_METRICS))
+    table = _table(headers, rows, {1, 2, 3, 4})
+    note = (
+        '<p class="note">Each type against all normal test images: image AUROC of its images, '
+        "pixel metrics over its images and the normal ones (binned at 2<sup>16</sup> bins; "
+        "record.json holds each bound).</p>"
+    )
+    return _section("per-defect", "Per defect type", table, note)
 
 
 def _bound(bound: Any) -> str:

@@ -45,6 +45,7 @@ from stad.errors import IncompatibleError, StadError
 from stad.fileio import strict_json
 from stad.methods import build_method
 from stad.metrics import PRO, ImageAUROC, PixelAP, PixelAUROC, dataset_metric
+from stad.metrics.per_defect import PerDefect, defect_types
 from stad.results import (
     RECORD_NAME,
     SCHEMA_VERSION,
@@ -170,6 +171,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     record = _record(cfg, method, data_info, reports, tested.metrics, tested.extra, tested.ms)
     if tested.undefined:  # written as null, with the reason
         record["metrics_undefined"] = tested.undefined
+    if tested.per_defect:
+        record["per_defect"] = strict_json(tested.per_defect)
     record["inference"] = speed
     record["thresholds"] = with_test_counts(thresholds, tested.counts)
     if validated is not None:
@@ -784,6 +787,8 @@ class TestOutcome:
     extra: dict[str, Any]
     # metric -> why it is undefined (NaN, written as null), e.g. no anomalous pixel
     undefined: dict[str, str]
+    # defect type -> its metrics (metrics.per_defect), empty when off or one type only
+    per_defect: dict[str, Any]
     examples: list[dict]
     ms: float
     counts: dict[str, Any]
@@ -804,9 +809,14 @@ def _test(
     counts = ThresholdCounts(
         thresholds.get("image", {}).get("value"), thresholds.get("pixel", {}).get("value")
     )
+    extra_metrics: dict[str, Any] = {COUNTS: counts}
+    defects = defect_types(splits.test) if cfg.get("metrics", {}).get("per_defect", True) else []
+    if len(defects) > 1:
+        limit = float(OmegaConf.select(cfg, "metrics.pro_fpr_limit", default=0.3))
+        extra_metrics[PER_DEFECT] = PerDefect(defects, pro_fpr_limit=limit)
     module = StageModule(
         method,
-        metrics={**_metrics(cfg, splits), COUNTS: counts},
+        metrics={**_metrics(cfg, splits), **extra_metrics},
         keep_examples=int(cfg.examples),
         channels_last=channels_last,
     )
@@ -815,7 +825,7 @@ def _test(
     metrics: dict[str, float] = {}
     undefined: dict[str, str] = {}
     for name, metric in module.metrics.items():
-        if name != COUNTS:
+        if name not in (COUNTS, PER_DEFECT):
             values = metric_values(name, cast("Metric", metric).compute())
             reason = getattr(metric, "undefined_reason", None) or "not computable on this test set"
             undefined.update({k: reason for k, v in values.items() if not math.isfinite(v)})
@@ -823,14 +833,18 @@ def _test(
     extra = {
         f"{name}_error_bound": float(cast(Any, m).error_bound())
         for name, m in module.metrics.items()
-        if hasattr(m, "error_bound")
+        if hasattr(m, "error_bound") and name != PER_DEFECT
     }
+    per_defect = (
+        cast(Any, module.metrics[PER_DEFECT]).compute() if PER_DEFECT in module.metrics else {}
+    )
     ms = 1000.0 * module.inference_seconds / max(module.inference_images, 1)
     scores, labels = _image_scores(cast(ImageAUROC, module.metrics["image_auroc"]))
     return TestOutcome(
         metrics,
         extra,
         undefined,
+        per_defect,
         module.examples,
         ms,
         counts.compute(),
@@ -841,6 +855,7 @@ def _test(
 
 
 COUNTS = "threshold_counts"
+PER_DEFECT = "per_defect"
 _CURVES = {"image_roc": "image_auroc", "pixel_roc": "pixel_auroc", "pro": "pro"}
 
 

@@ -108,15 +108,17 @@ def test_user_errors_print_one_message_exit_non_zero_and_write_no_record(
         args += _tiny(data_cache) if o == "{tiny}" else [o.format(tmp=tmp_path)]
     args.append(f"output_root={tmp_path}/outputs")
     if in_process:
-        code, _, err = _stad_in_process(monkeypatch, capfd, *args)
+        code, stdout, err = _stad_in_process(monkeypatch, capfd, *args)
     else:
         out = _stad(*args, cwd=tmp_path)
-        code, err = out.returncode, out.stderr
+        code, stdout, err = out.returncode, out.stdout, out.stderr
     assert code == 2, err[-2000:]
     message = [line for line in err.splitlines() if line.startswith("stad: error:")]
     assert len(message) == 1, err[-2000:]
     for word in words:
         assert word in message[0]
+    # Once on the terminal: not again as a log line on stdout.
+    assert message[0].removeprefix("stad: error: ")[:60] not in stdout, stdout[-2000:]
     assert "Traceback" not in err
     assert not list((tmp_path / "outputs").rglob("record.json"))
 
@@ -140,3 +142,22 @@ def test_a_whole_run_writes_its_record_and_overlays_from_any_directory(tmp_path,
     assert record["train_seconds"]["distill"] > 0
     assert record["overlays"] and all((run_dir / p).exists() for p in record["overlays"])
     assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+def test_a_launcher_without_its_plugin_names_the_extra(monkeypatch, capfd):
+    import importlib.util
+
+    from stad.__main__ import missing_plugin
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("hydra_plugins.hydra_") else real(name, *a),
+    )
+    message = missing_plugin(["-m", "method=stfpm", "hydra/launcher=joblib"])
+    assert message is not None and "stad[sweep]" in message and "joblib" in message
+    assert "stad[sweep]" in missing_plugin(["hydra/sweeper=optuna"])
+    assert missing_plugin(["method=rd", "hydra/launcher=basic"]) is None
+    code, _, err = _stad_in_process(monkeypatch, capfd, "-m", "hydra/launcher=submitit_slurm")
+    assert code == 2 and err.count("stad: error:") == 1 and "stad[sweep]" in err

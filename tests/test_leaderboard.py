@@ -201,7 +201,9 @@ def test_module_and_console_entry_points(tmp_path):
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("dataset,category,method,backbone,params,revision,image_auroc")
+    assert out.stdout.startswith(
+        "dataset,category,method,backbone,setting,params,revision,image_auroc"
+    )
     assert json.loads((tmp_path / "a" / RECORD_NAME).read_text())["method"] == "stfpm"
 
 

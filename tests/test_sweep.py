@@ -244,3 +244,45 @@ def test_smoke_experiment_sweeps_every_registered_method():
     params = cfg.hydra.sweeper.params
     assert set(params.method.split(",")) == set(METHODS)
     assert len(params["dataset.category"].split(",")) == 2
+
+
+def test_a_sweep_over_both_settings_runs_skips_and_resumes_and_the_board_keeps_them_apart(
+    tmp_path,
+):
+    args = [
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "method=stfpm",
+        "setting=single,unified",
+        "dataset.categories=[texture,object]",
+    ]
+    out = _sweep(tmp_path, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = _records(tmp_path / "out")  # the single run's + one per unified category
+    assert sorted((r["setting"], r["category"]) for r in records) == [
+        ("single", "object"),
+        ("unified", "object"),
+        ("unified", "texture"),
+    ]
+    assert len(list((tmp_path / "out").rglob("unified.json"))) == 1
+    again = _sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(_summary(tmp_path)["exists"]) == 2
+    assert len(_records(tmp_path / "out")) == 3
+
+    table = tmp_path / "board.csv"
+    assert leaderboard([f"runs={tmp_path / 'out'}", f"out={table}"]) == 0
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    keys = sorted((r["setting"], r["category"]) for r in rows)
+    assert keys == [
+        ("single", "mean"),
+        ("single", "object"),
+        ("unified", "mean"),
+        ("unified", "object"),
+        ("unified", "texture"),
+    ]
+
+    skipped = _sweep(tmp_path, "method=aand", "setting=unified")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    (line,) = _summary(tmp_path)["skipped"]
+    assert "foreground rule" in line

@@ -49,6 +49,7 @@ NOT_PARAMS = {
     "dataset.name",
     "method.name",
     "backbone.name",
+    "setting.name",
     *UNHASHED_KEYS,
 }
 MEAN_CATEGORY = "mean"
@@ -78,6 +79,11 @@ class Run:
     key: str  # config hash
 
     @property
+    def setting(self) -> str:
+        """single (one model per category) or unified (one model for several)."""
+        return str(self.record.get("setting") or "single")
+
+    @property
     def revision(self) -> str:
         rev = self.record.get("git_revision")
         if not rev:
@@ -94,6 +100,7 @@ class Row:
     category: str
     method: str
     backbone: str
+    setting: str
     params: str
     revision: str
     runs: list[Run] = field(default_factory=list)
@@ -280,7 +287,7 @@ def swept_params(runs: Sequence[Run]) -> set[str]:
     cells: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         r = run.record
-        cells[(r["dataset"], r["category"], r["method"], r["backbone"])].append(run)
+        cells[(r["dataset"], r["category"], r["method"], r["backbone"], run.setting)].append(run)
     varying: set[str] = set()
     for group in cells.values():
         keys = set().union(*(run.config for run in group))
@@ -310,6 +317,7 @@ def group_rows(runs: Sequence[Run]) -> list[Row]:
             str(r["category"]),
             r["method"],
             r["backbone"],
+            run.setting,
             _params_text(run, varying),
             run.revision,
         )
@@ -321,9 +329,9 @@ def group_rows(runs: Sequence[Run]) -> list[Row]:
 def _warn_split_revisions(rows: Iterable[Row]) -> None:
     revisions: dict[tuple, set[str]] = defaultdict(set)
     for row in rows:
-        revisions[(row.dataset, row.category, row.method, row.backbone, row.params)].add(
-            row.revision
-        )
+        revisions[
+            (row.dataset, row.category, row.method, row.backbone, row.setting, row.params)
+        ].add(row.revision)
     for key, revs in revisions.items():
         if len(revs) > 1:
             print(
@@ -374,16 +382,18 @@ def summarise(row: Row, metrics: Sequence[str]) -> None:
 
 
 def dataset_means(rows: Sequence[Row], metrics: Sequence[str]) -> list[Row]:
-    """Per dataset, method, backbone, params and revision: the mean over its categories.
+    """Per dataset, method, backbone, setting, params and revision: the mean over its
+    categories (the two settings are never averaged together).
 
     The std is over seeds of the per-seed category mean, when every category has the same seeds.
     """
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
-        groups[(row.dataset, row.method, row.backbone, row.params, row.revision)].append(row)
+        key = (row.dataset, row.method, row.backbone, row.setting, row.params, row.revision)
+        groups[key].append(row)
     means = []
-    for (dataset, method, backbone, params, revision), members in sorted(groups.items()):
-        mean = Row(dataset, MEAN_CATEGORY, method, backbone, params, revision)
+    for (dataset, method, backbone, setting, params, revision), members in sorted(groups.items()):
+        mean = Row(dataset, MEAN_CATEGORY, method, backbone, setting, params, revision)
         mean.runs = [r for m in members for r in m.runs]
         same_seeds = len({m.values["seeds"] for m in members}) == 1
         for name in metrics:
@@ -454,16 +464,24 @@ def setting_differences(config: dict[str, Any]) -> list[str]:
     return out
 
 
+def paper_setting(paper: dict[str, str]) -> str:
+    """The setting a paper row reports: unified when its condition says
+    ``setting.name=unified`` (e.g. ADer's multi-class re-runs), else single."""
+    return "unified" if paper.get("condition", "") == "setting.name=unified" else "single"
+
+
 def add_paper(rows: Sequence[Row], metrics: Sequence[str], papers: Sequence[dict]) -> None:
     """``paper_<metric>``, ``diff_<metric>`` (ours − paper), the source and ``comparable``
-    (``yes``, or how the runs' setting departs from the paper's) on matching rows."""
+    (``yes``, or how the runs' setting departs from the paper's) on matching rows; a row is
+    compared with the paper numbers of its own setting only."""
     for row in rows:
         for paper in papers:
-            if (paper["dataset"], paper["category"], paper["method"]) != (
-                row.dataset,
-                row.category,
-                row.method,
-            ) or not _condition_holds(row, paper.get("condition", "")):
+            if (
+                (paper["dataset"], paper["category"], paper["method"])
+                != (row.dataset, row.category, row.method)
+                or paper_setting(paper) != row.setting
+                or not _condition_holds(row, paper.get("condition", ""))
+            ):
                 continue
             for name in metrics:
                 if paper.get(name) and name in row.values:
@@ -475,7 +493,7 @@ def add_paper(rows: Sequence[Row], metrics: Sequence[str], papers: Sequence[dict
 
 
 # -- writing ----------------------------------------------------------------------------------
-KEY_COLUMNS = ("dataset", "category", "method", "backbone", "params", "revision")
+KEY_COLUMNS = ("dataset", "category", "method", "backbone", "setting", "params", "revision")
 
 
 def columns(rows: Sequence[Row], metrics: Sequence[str], paper: bool) -> list[str]:
@@ -531,15 +549,15 @@ def to_markdown(rows: Sequence[Row], cols: Sequence[str], metrics: Sequence[str]
 
 
 # -- plots ----------------------------------------------------------------------------------
-def _series_key(row: Row) -> tuple[str, str, str, str]:
-    return (row.method, row.backbone, row.params, row.revision)
+def _series_key(row: Row) -> tuple[str, str, str, str, str]:
+    return (row.method, row.backbone, row.setting, row.params, row.revision)
 
 
-def _series_labels(keys: Sequence[tuple[str, str, str, str]]) -> list[str]:
-    """Method, plus backbone, params and revision where the series differ in them."""
-    varies = [len({k[i] for k in keys}) > 1 for i in range(4)]
+def _series_labels(keys: Sequence[tuple[str, str, str, str, str]]) -> list[str]:
+    """Method, plus backbone, setting, params and revision where the series differ in them."""
+    varies = [len({k[i] for k in keys}) > 1 for i in range(5)]
     return [
-        " ".join([key[0], *(str(key[i]) for i in (1, 2, 3) if varies[i] and key[i])])
+        " ".join([key[0], *(str(key[i]) for i in (1, 2, 3, 4) if varies[i] and key[i])])
         for key in keys
     ]
 

@@ -22,6 +22,8 @@ FAILED_NAME = "failed.json"
 SCHEMA_VERSION = 1
 
 # Every record has these top-level keys; leaderboard columns are derived from them.
+# A unified run's summary (stad.unified): its categories' records lie in its sub-directories.
+UNIFIED_NAME = "unified.json"
 RECORD_KEYS = (
     "schema",
     "dataset",
@@ -136,6 +138,10 @@ def config_hash(config: DictConfig | Mapping[str, Any]) -> str:
     else:
         data = copy.deepcopy(dict(config))
     assert isinstance(data, dict)
+    # The single-category setting is what every run was before settings existed: its hash
+    # stays what it was, so earlier runs are still found (sweep skip, resume, leaderboard).
+    if data.get("setting") == {"name": "single"}:
+        data.pop("setting")
     for dotted in UNHASHED_KEYS:
         *parents, leaf = dotted.split(".")
         node: Any = data
@@ -174,6 +180,11 @@ def find_previous_run(output_root: str | Path, key: str) -> Path | None:
 
 
 def _holds_record_of(run_dir: Path, key: str) -> bool:
+    if (run_dir / UNIFIED_NAME).is_file():  # a finished unified run (stad.unified)
+        try:
+            return json.loads((run_dir / UNIFIED_NAME).read_text()).get("config_hash") == key
+        except (OSError, ValueError, AttributeError):
+            return False
     if not (run_dir / RECORD_NAME).is_file():
         return False
     try:

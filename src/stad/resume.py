@@ -73,10 +73,10 @@ def prepare(run_dir: Path, key: str, resume: bool) -> Path:
 
 
 def is_unfinished(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a started run with checkpoints and no record yet."""
-    return (run_dir / CHECKPOINT_DIR / RUN_FILE).is_file() and not (
-        run_dir / "record.json"
-    ).exists()
+    """Whether ``run_dir`` holds a started run with checkpoints and no record (or unified
+    summary) yet."""
+    finished = (run_dir / "record.json").exists() or (run_dir / "unified.json").exists()
+    return (run_dir / CHECKPOINT_DIR / RUN_FILE).is_file() and not finished
 
 
 def clean(run_dir: Path) -> None:

@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -87,10 +87,18 @@ class StageReport:
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate the configured method; returns the record written to ``run_dir``."""
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    body: Callable[[DictConfig, Path], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate the configured method; returns the record written to ``run_dir``.
+
+    ``body`` replaces the single-category run (``stad.unified.run_unified``: the unified
+    setting); the out-of-memory message and the checkpoint clean-up hold for both.
+    """
     try:
-        record = _run(cfg, run_dir)
+        record = (body or _run)(cfg, run_dir)
     except (torch.cuda.OutOfMemoryError, MemoryError) as err:
         raise StadError(out_of_memory_message(cfg, err)) from None
     if not cfg.get("keep_checkpoints", False) and is_rank_zero():
@@ -112,32 +120,58 @@ def out_of_memory_message(cfg: DictConfig, err: BaseException) -> str:
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    start_run(cfg, run_dir)
+    splits = load_splits(cfg, cfg.dataset)
+    # Before training: a file that moves during a long run must not lose the finished run.
+    fingerprint = data_fingerprint(splits)
+    method = prepare_method(cfg, partial(training_files, splits))
+    check_inputs(method, splits, cfg)
+    datamodule = build_datamodule(cfg, splits, method)
+    channels_last = use_channels_last(cfg)
+    reports = train(cfg, method, datamodule, run_dir, channels_last)
+    calibrate(cfg, method, datamodule, run_dir, channels_last)
+    return evaluate(
+        cfg, method, datamodule, splits, run_dir, channels_last, reports, fingerprint
+    ).record
+
+
+def start_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Checks and settings before any work: a new, writable run directory, torch's threads
+    and seed, a valid threshold config."""
     if (run_dir / RECORD_NAME).exists():
         raise StadError(f"{run_dir} already holds a run record; choose a new hydra.run.dir")
     check_writable(run_dir)
-    _setup_torch(cfg)
-    image_size = int(cfg.image_size)
+    setup_torch(cfg)
     check_threshold_config(cfg)
+
+
+def load_splits(cfg: DictConfig, dataset: DictConfig) -> DatasetSplits:
+    """The splits of a ``dataset`` config at the run's image size, under the run's decode cache
+    and evaluation protocol."""
     protocol = cfg.get("eval_protocol") or {}
     with (
         decode_cache(cfg.get("decode_cache")),
         mask_rule(protocol.get("mask_rule", "nearest"), protocol.get("mask_downscale")),
     ):
-        splits = build_dataset(cfg.dataset, image_size)
-    # Before training: a file that moves during a long run must not lose the finished run.
-    fingerprint = data_fingerprint(splits)
-    method = build_method(
-        cfg.method, cfg.backbone, PretrainData(train_files=partial(training_files, splits))
-    )
+        return build_dataset(dataset, int(cfg.image_size))
+
+
+def prepare_method(cfg: DictConfig, train_files: Callable[[], list[Path]]) -> Method:
+    """The configured method after its pretraining step (``train_files``: the training images
+    it may crop), checked against the image size, in the run's memory format."""
+    method = build_method(cfg.method, cfg.backbone, PretrainData(train_files=train_files))
     method.name = str(cfg.method.name)
-    check_inputs(method, splits, cfg)
-    check_image_size(method, image_size, cfg)
-    channels_last = use_channels_last(cfg)
-    if channels_last:
+    check_image_size(method, int(cfg.image_size), cfg)
+    if use_channels_last(cfg):
         method.to(memory_format=torch.channels_last)
     _note_backbone_choice(cfg)
-    synthetic_validation = wants_synthetic_validation(cfg)
-    datamodule = AnomalyDataModule(
+    return method
+
+
+def build_datamodule(cfg: DictConfig, splits: DatasetSplits, method: Method) -> AnomalyDataModule:
+    """Loaders over ``splits`` with the run's batch sizes and the held-out split the method and
+    the threshold policy need."""
+    return AnomalyDataModule(
         splits,
         batch_size=int(cfg.trainer.batch_size or cfg.method.batch_size),
         eval_batch_size=int(cfg.trainer.eval_batch_size),
@@ -146,11 +180,21 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         seed=int(cfg.seed),
         **held_out_split(cfg),
     )
+
+
+def train(
+    cfg: DictConfig,
+    method: Method,
+    datamodule: AnomalyDataModule,
+    run_dir: Path,
+    channels_last: bool,
+) -> list[StageReport]:
+    """Every stage and calibration pass of the method, in order, resumable."""
     # Every stage's auxiliary streams before the first trains: a missing folder stops the run
     # before hours of training, not between stages.
     streams = {s.name: stream_loaders(cfg, s, datamodule) for s in method.training_stages}
     checkpoints = resume.prepare(run_dir, config_hash(cfg), bool(cfg.get("resume", False)))
-    reports = [
+    return [
         _fit_stage(
             cfg, method, step, datamodule, run_dir, channels_last, checkpoints, streams[step.name]
         )
@@ -158,10 +202,36 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         else _calibration_pass(cfg, method, step, datamodule, run_dir, channels_last, checkpoints)
         for step in method.stages
     ]
-    _calibrate(cfg, method, datamodule, run_dir, channels_last)
+
+
+@dataclass
+class Evaluated:
+    """One evaluated test set: its record (written) and the thresholds chosen for it."""
+
+    record: dict[str, Any]
+    thresholds: dict[str, Any]
+
+
+def evaluate(
+    cfg: DictConfig,
+    method: Method,
+    datamodule: AnomalyDataModule,
+    splits: DatasetSplits,
+    run_dir: Path,
+    channels_last: bool,
+    reports: list[StageReport],
+    fingerprint: Any,
+    checkpoint: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Evaluated:
+    """Thresholds on held-out normals, the test metrics, speed, overlays, the checkpoint (or the
+    name of one written elsewhere: ``checkpoint``), the report, and the record in ``run_dir``
+    (with ``extra`` entries), for a method already trained and calibrated."""
     thresholds = choose_thresholds(cfg, method, datamodule)
     validated = (
-        _validate(cfg, method, datamodule, run_dir, channels_last) if synthetic_validation else None
+        _validate(cfg, method, datamodule, run_dir, channels_last)
+        if wants_synthetic_validation(cfg)
+        else None
     )
     tested = _test(cfg, method, datamodule, splits, run_dir, channels_last, thresholds)
     # Rank 0 only: processes timing at once on shared CPUs would skew the figure.
@@ -169,6 +239,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     examples = gather_examples(tested.examples, int(cfg.examples))  # collective: every rank
     data_info = {**datamodule.info, "fingerprint": fingerprint}
     record = _record(cfg, method, data_info, reports, tested.metrics, tested.extra, tested.ms)
+    record.update(extra or {})
     if tested.undefined:  # written as null, with the reason
         record["metrics_undefined"] = tested.undefined
     if tested.per_defect:
@@ -179,10 +250,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         record["validation"] = validated
     if not is_rank_zero():
         # Under DDP the other processes only evaluated their share; rank 0 writes the run.
-        return record
+        return Evaluated(record, thresholds)
     overlays = save_overlays(examples, run_dir / "overlays")
     record["overlays"] = [str(p.relative_to(run_dir)) for p in overlays]
-    record["checkpoint"] = save_checkpoint(run_dir, method, cfg, thresholds).name
+    record["checkpoint"] = checkpoint or save_checkpoint(run_dir, method, cfg, thresholds).name
     from stad.report import write_report  # matplotlib only once a run has results
 
     record["report"] = write_report(
@@ -190,7 +261,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ).name
     write_record(run_dir, record)
     print_summary(record, run_dir)
-    return record
+    return Evaluated(record, thresholds)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -406,7 +477,8 @@ def _time_inference(
     return speed.as_dict()
 
 
-def _setup_torch(cfg: DictConfig) -> None:
+def setup_torch(cfg: DictConfig) -> None:
+    """Lightning's logging and warnings, torch's thread count and the run's seed."""
     # Lightning has its own console handler; without this Hydra's root handler repeats each line.
     logging.getLogger("lightning.pytorch").propagate = False
     # Frozen teachers stay in eval mode during fit on purpose (core.StageModule.train).
@@ -691,7 +763,7 @@ def _calibration_loader(
     return cast(DataLoader, datamodule.val_dataloader())
 
 
-def _calibrate(
+def calibrate(
     cfg: DictConfig,
     method: Method,
     datamodule: AnomalyDataModule,
@@ -898,6 +970,8 @@ def _record(
     info = dict(method.info)
     return {
         "schema": SCHEMA_VERSION,
+        # single: one model per category; unified: one model for several (stad.unified)
+        "setting": str(OmegaConf.select(cfg, "setting.name", default="single")),
         "dataset": cfg.dataset.name,
         "category": cfg.dataset.category,
         "method": cfg.method.name,

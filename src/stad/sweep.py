@@ -56,6 +56,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any] | 
         StadError: any other user-caused problem (the sweeper counts the job as failed).
     """
     from stad.run import run  # heavy imports only for jobs that really run
+    from stad.unified import is_unified, run_unified
 
     key = config_hash(cfg)
     if multirun and not cfg.get("force", False):
@@ -69,7 +70,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any] | 
         run_dir = _resume_unfinished(cfg, key, run_dir)
         register_started(cfg.output_root, key, run_dir)
     try:
-        record = run(cfg, run_dir)
+        record = run(cfg, run_dir, run_unified if is_unified(cfg) else None)
     except IncompatibleError as err:
         if not multirun:
             raise

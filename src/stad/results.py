@@ -51,6 +51,7 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro")
 # config hash that identifies a run (resume, duplicate detection) leaves them out.
 UNHASHED_KEYS = (
     "output_root",
+    "logger",
     "decode_cache",
     "force",
     "resume",

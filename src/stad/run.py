@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -43,6 +42,7 @@ from stad.data.validation import SyntheticAnomalySet
 from stad.distributed import broadcast_object, check_strategy, gather_examples, is_rank_zero
 from stad.errors import IncompatibleError, StadError
 from stad.fileio import strict_json
+from stad.loggers import log_record, trainer_loggers
 from stad.methods import build_method
 from stad.metrics import PRO, ImageAUROC, PixelAP, PixelAUROC, dataset_metric
 from stad.metrics.per_defect import PerDefect, defect_types
@@ -260,6 +260,7 @@ def evaluate(
         run_dir, record, tested.curves, tested.scores, tested.labels, examples
     ).name
     write_record(run_dir, record)
+    log_record(cfg, run_dir, record)
     print_summary(record, run_dir)
     return Evaluated(record, thresholds)
 
@@ -576,23 +577,13 @@ def _trainer(
         max_steps=max_steps,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=_log_version(run_dir, name)),
+        logger=trainer_loggers(cfg, run_dir, name),
         callbacks=callbacks or [],
         # The datamodule shards the data itself (stad.distributed): Lightning's sampler would
         # repeat test images to even out the shares and split the validation images.
         use_distributed_sampler=False,
         **options,
     )
-
-
-def _log_version(run_dir: Path, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3`` ... when a resumed run meets its earlier logs (Lightning
-    would delete them)."""
-    version, attempt = name, 1
-    while (run_dir / "logs" / version).exists():
-        attempt += 1
-        version = f"{name}-{attempt}"
-    return version
 
 
 def stage_epochs(cfg: DictConfig, stage: Stage) -> int:

@@ -411,3 +411,46 @@ def test_the_leaderboard_takes_key_value_options_like_every_stad_command(tmp_pat
     assert "is not key=value" in capsys.readouterr().err
     assert main(["format=md"]) == 2
     assert "missing runs=..." in capsys.readouterr().err
+
+
+def test_html_page_links_every_run_report_and_escapes_what_runs_hold(tmp_path):
+    from html.parser import HTMLParser
+
+    for seed in (0, 1):
+        record = _record(seed=seed, metrics=(0.9 + seed / 100, 0.95, 0.8))
+        record["report"] = "report.html"
+        _write(tmp_path / "runs", f"b{seed}", record)
+        (tmp_path / "runs" / f"b{seed}" / "report.html").write_text("<html></html>")
+    odd = _record(category="<script>x</script>")
+    _write(tmp_path / "runs", "odd", odd)
+    page = tmp_path / "site" / "board.html"
+    assert main([f"runs={tmp_path / 'runs'}", "format=html", f"out={page}"]) == 0
+    text = page.read_text()
+    assert "<script>x</script>" not in text and "&lt;script&gt;x&lt;/script&gt;" in text
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.hrefs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "a":
+                self.hrefs.append(dict(attrs)["href"])
+
+    parser = Links()
+    parser.feed(text)
+    assert sorted(parser.hrefs) == ["../runs/b0/report.html", "../runs/b1/report.html"]
+    assert all((page.parent / h).is_file() for h in parser.hrefs)  # they open
+    assert "0.9050" in text and "± 0.0071" in text  # mean ± std over the two seeds
+
+
+def test_latex_table_is_booktabs_in_percent_with_the_means_set_apart(tmp_path):
+    _write(tmp_path, "a", _record(category="metal_nut", metrics=(0.9, 0.95, 0.8)))
+    _write(tmp_path, "b", _record(category="bottle", metrics=(1.0, 0.97, 0.9)))
+    out = tmp_path / "board.tex"
+    assert main([f"runs={tmp_path}", "format=tex", f"out={out}"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[1].startswith("\\begin{tabular}{l") and lines[-1] == "\\end{tabular}"
+    assert "metal\\_nut & 90.0 & 95.0 & 80.0 \\\\" in lines
+    mean = next(line for line in lines if line.startswith("mean"))
+    assert "\\textbf{95.0}" in mean and lines[lines.index(mean) - 1] == "\\midrule"

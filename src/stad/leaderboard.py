@@ -745,8 +745,15 @@ def collect(
     return Board(table, metrics, unfinished(failures, runs))
 
 
-def render(board: Board, paper: bool = False, fmt: str = "csv") -> str:
-    """The board as CSV or Markdown text."""
+def render(board: Board, paper: bool = False, fmt: str = "csv", base: Path | None = None) -> str:
+    """The board as CSV, Markdown, HTML (links relative to ``base``, the page's folder) or
+    LaTeX text."""
+    from stad import leaderboard_pages
+
+    if fmt == "html":
+        return leaderboard_pages.to_html(board.rows, board.metrics, board.failures, base, paper)
+    if fmt == "tex":
+        return leaderboard_pages.to_latex(board.rows, board.metrics)
     cols = columns(board.rows, board.metrics, paper)
     if fmt == "md":
         return to_markdown(board.rows, cols, board.metrics)
@@ -796,7 +803,12 @@ LEADERBOARD_OPTIONS: dict[str, Option] = {
         parse_paths, None, "folders holding runs, comma-separated (searched recursively)"
     ),
     "out": Option(optional_path, None, "output file (default: print the table)"),
-    "format": Option(parse_choice("csv", "md"), "csv", "table format: csv or md"),
+    "format": Option(
+        parse_choice("csv", "md", "html", "tex"),
+        "csv",
+        "table format: csv, md, html (a sortable page linking each run's report) or tex "
+        "(booktabs, metrics in percent)",
+    ),
     "paper": Option(parse_bool, False, "add the papers' numbers and the difference"),
     "keep_latest": Option(parse_bool, False, "of several records of one run, use the newest"),
     "skip_invalid": Option(parse_bool, False, "leave out corrupt or partial records"),
@@ -845,7 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         board = collect(
             opts["runs"], opts["paper"], opts["keep_latest"], opts["skip_invalid"], opts["by"]
         )
-        text = render(board, opts["paper"], opts["format"])
+        base = opts["out"].parent if opts["out"] is not None else None
+        text = render(board, opts["paper"], opts["format"], base)
     except StadError as err:
         print(f"stad-leaderboard: error: {err}", file=sys.stderr)
         return 2

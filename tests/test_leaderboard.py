@@ -442,15 +442,24 @@ def test_html_page_links_every_run_report_and_escapes_what_runs_hold(tmp_path):
     assert sorted(parser.hrefs) == ["../runs/b0/report.html", "../runs/b1/report.html"]
     assert all((page.parent / h).is_file() for h in parser.hrefs)  # they open
     assert "0.9050" in text and "± 0.0071" in text  # mean ± std over the two seeds
+    assert text.count("<table>") == 1 and "<h2>mvtec · single</h2>" in text  # dataset × setting
 
 
-def test_latex_table_is_booktabs_in_percent_with_the_means_set_apart(tmp_path):
+def test_latex_tables_print_categories_by_methods_in_percent_best_in_bold(tmp_path):
     _write(tmp_path, "a", _record(category="metal_nut", metrics=(0.9, 0.95, 0.8)))
     _write(tmp_path, "b", _record(category="bottle", metrics=(1.0, 0.97, 0.9)))
-    out = tmp_path / "board.tex"
-    assert main([f"runs={tmp_path}", "format=tex", f"out={out}"]) == 0
-    lines = out.read_text().splitlines()
-    assert lines[1].startswith("\\begin{tabular}{l") and lines[-1] == "\\end{tabular}"
-    assert "metal\\_nut & 90.0 & 95.0 & 80.0 \\\\" in lines
-    mean = next(line for line in lines if line.startswith("mean"))
-    assert "\\textbf{95.0}" in mean and lines[lines.index(mean) - 1] == "\\midrule"
+    _write(tmp_path, "c", _record(method="rd", category="metal_nut", metrics=(0.95, 0.9, 0.7)))
+    _write(tmp_path, "d", _record(method="rd", category="bottle", metrics=(0.99, 0.98, 0.95)))
+    out = tmp_path / "tables" / "board.tex"
+    assert main([f"runs={tmp_path}", "format=tex", f"out={out}", "paper=true"]) == 0
+    written = sorted(p.name for p in out.parent.iterdir())
+    assert written == [f"board_mvtec_{m}.tex" for m in ("image_auroc", "pixel_auroc", "pro")]
+    lines = (out.parent / "board_mvtec_image_auroc.tex").read_text().splitlines()
+    assert lines[2] == "\\begin{tabular}{lrrrr}" and lines[-1] == "\\end{tabular}"
+    assert lines[4] == "Category & rd & rd (paper) & stfpm & stfpm (paper) \\\\"
+    # STFPM's official README gives per-category values
+    assert "metal nut & \\textbf{95.0} & -- & 90.0 & 98.3 \\\\" in lines
+    assert "bottle & 99.0 & -- & \\textbf{100.0} & 100.0 \\\\" in lines
+    mean = next(line for line in lines if line.startswith("Mean"))
+    assert mean == "Mean & \\textbf{97.0} & 98.5 & 95.0 & 95.5 \\\\"  # paper: RD 98.5, STFPM 95.5
+    assert lines[lines.index(mean) - 1] == "\\midrule"

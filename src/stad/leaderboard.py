@@ -753,7 +753,8 @@ def render(board: Board, paper: bool = False, fmt: str = "csv", base: Path | Non
     if fmt == "html":
         return leaderboard_pages.to_html(board.rows, board.metrics, board.failures, base, paper)
     if fmt == "tex":
-        return leaderboard_pages.to_latex(board.rows, board.metrics)
+        tables = leaderboard_pages.latex_tables(board.rows, board.metrics, paper)
+        return "\n".join(tables.values())
     cols = columns(board.rows, board.metrics, paper)
     if fmt == "md":
         return to_markdown(board.rows, cols, board.metrics)
@@ -807,7 +808,8 @@ LEADERBOARD_OPTIONS: dict[str, Option] = {
         parse_choice("csv", "md", "html", "tex"),
         "csv",
         "table format: csv, md, html (a sortable page linking each run's report) or tex "
-        "(booktabs, metrics in percent)",
+        "(booktabs, categories x methods in percent; with out=<file>.tex one file per dataset "
+        "and metric, <stem>_<dataset>_<metric>.tex)",
     ),
     "paper": Option(parse_bool, False, "add the papers' numbers and the difference"),
     "keep_latest": Option(parse_bool, False, "of several records of one run, use the newest"),
@@ -865,6 +867,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = opts["out"]
     if out is None:
         sys.stdout.write(text)
+    elif opts["format"] == "tex":  # one file per dataset and metric, as papers print them
+        from stad.leaderboard_pages import latex_tables
+
+        for name, table in latex_tables(board.rows, board.metrics, opts["paper"]).items():
+            path = out.with_name(f"{out.stem}_{name}{out.suffix or '.tex'}")
+            write_atomic(path, table)
+            print(f"stad-leaderboard: wrote {path}", file=sys.stderr)
     else:
         write_atomic(out, text)
         print(f"stad-leaderboard: wrote {out}", file=sys.stderr)

@@ -23,7 +23,8 @@ th, td { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
 th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
 td.key, th.key { text-align: left; }
 tr.mean td { font-weight: 600; background: #fafafa; }
-td.std { color: #888; font-size: 90%; }
+td.std, span.std { color: #888; font-size: 90%; }
+td.better { color: #1a7f37; } td.worse { color: #c62828; }
 .note { color: #666; }
 """
 # Click a header to sort by it (numbers numerically, empty cells last); no external script.
@@ -71,19 +72,23 @@ def to_html(
     base: Path | None = None,
     paper: bool = False,
 ) -> str:
-    """A self-contained page: one row per category (and each dataset's means), metrics as
-    mean ± std over seeds, links to each run's report.html, the failed runs below."""
+    """A self-contained page: one sortable table per dataset and setting, one row per category
+    (and the dataset's means), metrics as mean ± std over seeds, paper values and deltas
+    (coloured) with ``paper``, links to each run's report.html, the failed runs below."""
     cols = [*KEYS, *metrics, *TIMES]
     if paper:
-        cols += [f"paper_{m}" for m in metrics] + ["paper_source", "comparable"]
+        cols += [c for m in metrics for c in (f"paper_{m}", f"diff_{m}")]
+        cols += ["paper_source", "comparable"]
     present = {c for r in rows for c in r.values} | set(KEYS)
     cols = [c for c in cols if c in present]
-    head = "".join(
-        f'<th class="{"key" if c in KEYS or c in ("paper_source", "comparable") else ""}">'
-        f"{html.escape(c)}</th>"
-        for c in cols
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.setting), []).append(row)
+    tables = "\n".join(
+        f"<h2>{html.escape(dataset)} · {html.escape(setting)}</h2>\n"
+        + _table_html(members, cols, metrics, base)
+        for (dataset, setting), members in groups.items()
     )
-    body = "\n".join(_row_html(r, cols, metrics, base) for r in rows)
     failed = ""
     if failures:
         items = "".join(
@@ -99,9 +104,25 @@ def to_html(
         '<h1>stad leaderboard</h1>\n<p class="note">Metrics: mean over seeds (± std); '
         "<i>mean</i> rows average a dataset's categories (the two settings never mixed). "
         "Click a column to sort; <i>reports</i> opens each run's report.html.</p>\n"
-        f'<table><thead><tr>{head}<th class="key">reports</th></tr></thead>\n<tbody>\n{body}'
-        f"\n</tbody></table>\n{failed}\n<script>{_SORT}</script></body></html>\n"
+        f"{tables}\n{failed}\n<script>{_SORT}</script></body></html>\n"
     )
+
+
+def _table_html(
+    rows: Sequence[Row], cols: Sequence[str], metrics: Sequence[str], base: Path | None
+) -> str:
+    head = "".join(
+        f'<th class="{"key" if c in KEYS or c in _TEXT else ""}">{html.escape(c)}</th>'
+        for c in cols
+    )
+    body = "\n".join(_row_html(r, cols, metrics, base) for r in rows)
+    return (
+        f'<table><thead><tr>{head}<th class="key">reports</th></tr></thead>\n'
+        f"<tbody>\n{body}\n</tbody></table>"
+    )
+
+
+_TEXT = ("paper_source", "comparable")
 
 
 def _row_html(row: Row, cols: Sequence[str], metrics: Sequence[str], base: Path | None) -> str:
@@ -112,8 +133,11 @@ def _row_html(row: Row, cols: Sequence[str], metrics: Sequence[str], base: Path 
             std = row.values.get(f"{col}_std", "")
             shown = _number(value) + (f' <span class="std">± {std:.4f}</span>' if std != "" else "")
             cells.append(f'<td data-v="{value}">{shown}</td>')
-        elif col in KEYS or col in ("paper_source", "comparable"):
+        elif col in KEYS or col in _TEXT:
             cells.append(f'<td class="key">{html.escape(str(value))}</td>')
+        elif col.startswith("diff_") and isinstance(value, float):
+            tone = "better" if value >= 0 else "worse"
+            cells.append(f'<td class="{tone}" data-v="{value}">{value:+.4f}</td>')
         else:
             digits = 1 if col in TIMES else 4
             cells.append(f"<td>{_number(value, digits)}</td>")
@@ -137,34 +161,85 @@ def tex_escape(text: str) -> str:
     return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
-def to_latex(rows: Sequence[Row], metrics: Sequence[str]) -> str:
-    """A booktabs table: one row per dataset, category, method, backbone and setting (the key
-    columns that vary), metrics in percent with one decimal (± std over seeds where there are
-    several), a rule before each dataset's means."""
-    keys = [k for k in KEYS[:5] if len({getattr(r, k) for r in rows}) > 1 or k == "category"]
-    names = {"image_auroc": "I-AUROC", "pixel_auroc": "P-AUROC", "pro": "PRO", "pixel_ap": "P-AP"}
-    header = [*(k.capitalize() for k in keys), *(names.get(m, m) for m in metrics)]
+def _series(row: Row, varying: Sequence[str]) -> str:
+    """A table column's name: the method, plus backbone / setting / params where they vary."""
+    return " ".join([row.method, *(str(getattr(row, k)) for k in varying if getattr(row, k))])
+
+
+def latex_tables(
+    rows: Sequence[Row], metrics: Sequence[str], paper: bool = False
+) -> dict[str, str]:
+    """One booktabs table per dataset and metric, as papers print them: a row per category and
+    the mean, a column per method (backbone, setting and params named where they vary), values
+    in percent (± std over seeds where there are several), the best of our runs in each row in
+    bold, and
+    with ``paper`` the paper's value beside each method where one is known. Keyed
+    ``<dataset>_<metric>``."""
+    varying = [
+        k for k in ("backbone", "setting", "params") if len({getattr(r, k) for r in rows}) > 1
+    ]
+    tables = {}
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        mine = [r for r in rows if r.dataset == dataset]
+        series = list(dict.fromkeys(_series(r, varying) for r in mine))
+        categories = list(dict.fromkeys(r.category for r in mine if r.category != "mean"))
+        if any(r.category == "mean" for r in mine):
+            categories.append("mean")
+        cells = {(r.category, _series(r, varying)): r for r in mine}
+        for metric in metrics:
+            if not any(metric in r.values for r in mine):
+                continue
+            tables[f"{dataset}_{metric}"] = _latex_table(
+                dataset, metric, categories, series, cells, paper
+            )
+    return tables
+
+
+def _latex_table(
+    dataset: str,
+    metric: str,
+    categories: Sequence[str],
+    series: Sequence[str],
+    cells: dict[tuple[str, str], Row],
+    paper: bool,
+) -> str:
+    names = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pro": "PRO",
+             "pixel_ap": "pixel AP"}  # fmt: skip
+    columns = [(s, "ours") for s in series]
+    if paper:
+        columns = [(s, kind) for s in series for kind in ("ours", "paper")]
+    header = ["Category"] + [s if kind == "ours" else f"{s} (paper)" for s, kind in columns]
     lines = [
-        "% stad-leaderboard format=tex (needs \\usepackage{booktabs})",
-        "\\begin{tabular}{" + "l" * len(keys) + "r" * len(metrics) + "}",
+        f"% stad-leaderboard format=tex: {dataset}, {names.get(metric, metric)} (%)",
+        "% \\usepackage{booktabs}",
+        "\\begin{tabular}{l" + "r" * len(columns) + "}",
         "\\toprule",
         " & ".join(tex_escape(h) for h in header) + " \\\\",
         "\\midrule",
     ]
-    previous_mean = False
-    for row in rows:
-        is_mean = row.category == "mean"
-        if is_mean != previous_mean and lines[-1] != "\\midrule":
+    for category in categories:
+        if category == "mean":
             lines.append("\\midrule")
-        previous_mean = is_mean
-        cells = [tex_escape(str(getattr(row, k))) for k in keys]
-        for name in metrics:
-            value, std = row.values.get(name, ""), row.values.get(f"{name}_std", "")
-            if value == "" or not isinstance(value, float):
-                cells.append("--")
+        values = []
+        for name, kind in columns:
+            row = cells.get((category, name))
+            key = metric if kind == "ours" else f"paper_{metric}"
+            value = row.values.get(key, "") if row is not None else ""
+            std = row.values.get(f"{metric}_std", "") if row is not None and kind == "ours" else ""
+            values.append((value, std))
+        # the best of our runs in bold (the paper's columns are references)
+        ours = [v for (v, _), (_, kind) in zip(values, columns, strict=True) if kind == "ours"]
+        best = max((v for v in ours if isinstance(v, float)), default=None)
+        out = [tex_escape(category.replace("_", " ") if category != "mean" else "Mean")]
+        for (value, std), (_, kind) in zip(values, columns, strict=True):
+            if not isinstance(value, float):
+                out.append("--")
                 continue
-            text = f"{100 * value:.1f}" + (f" $\\pm$ {100 * std:.1f}" if std != "" else "")
-            cells.append(f"\\textbf{{{text}}}" if is_mean else text)
-        lines.append(" & ".join(cells) + " \\\\")
+            text = f"{100 * value:.1f}" + (
+                f" $\\pm$ {100 * std:.1f}" if isinstance(std, float) else ""
+            )
+            bold = kind == "ours" and best is not None and value == best
+            out.append(f"\\textbf{{{text}}}" if bold else text)
+        lines.append(" & ".join(out) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"

@@ -527,7 +527,13 @@ def distil_teacher(cfg: DictConfig, backbone: DictConfig) -> tuple[nn.Sequential
     optimizer = instantiate(t.optimizer)(net.parameters())
     start, last = time.perf_counter(), float("nan")
     net.train()
-    for step in range(int(t.steps)):
+    # A bar on a terminal (tqdm: Lightning's dependency), none in logs and CI (disable=None).
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        range(int(t.steps)), desc="efficientad: teacher pretraining", unit="step", disable=None
+    )
+    for step in bar:
         big, small = views(next(batches))
         target = (target_of(big) - mean) / std
         pred = net(normalize(small))
@@ -543,6 +549,7 @@ def distil_teacher(cfg: DictConfig, backbone: DictConfig) -> tuple[nn.Sequential
         loss.backward()
         optimizer.step()
         last = float(loss.detach())
+        bar.set_postfix(loss=f"{last:.4f}", refresh=False)
         if step % 100 == 0:
             log.info("efficientad: teacher pretraining step %d/%d, loss %.4f", step, t.steps, last)
     info = {

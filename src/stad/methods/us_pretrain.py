@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from functools import partial
 from importlib import resources
@@ -357,7 +358,8 @@ def pretrain_teacher(
         max_steps=int(t.steps),
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        # Lightning's bar on a terminal only (log files and CI stay clean).
+        enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,

@@ -286,3 +286,50 @@ def test_a_sweep_over_both_settings_runs_skips_and_resumes_and_the_board_keeps_t
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     (line,) = _summary(tmp_path)["skipped"]
     assert "foreground rule" in line
+
+
+def test_a_job_is_claimed_by_one_launcher_and_a_dead_launchers_lock_is_taken_over(tmp_path):
+    from stad.results import claim_run, lock_holder, release_claim
+
+    lock = claim_run(tmp_path, "k")
+    assert lock is not None and lock_holder(tmp_path, "k")["pid"] == os.getpid()
+    assert claim_run(tmp_path, "k") is None  # held by a live process (this one)
+    release_claim(lock)
+    assert not lock.exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = claim_run(tmp_path, "k")
+    lock.write_text(json.dumps({**lock_holder(tmp_path, "k"), "pid": dead.pid}))
+    taken = claim_run(tmp_path, "k")  # its holder no longer runs: taken over
+    assert taken == lock and lock_holder(tmp_path, "k")["pid"] == os.getpid()
+
+
+def test_a_job_another_launcher_is_running_is_skipped_and_says_so(tmp_path):
+    from stad.results import claim_run, config_hash
+    from stad.sweep import run_job
+
+    cfg = compose_config([f"output_root={tmp_path}"])
+    lock = claim_run(tmp_path, config_hash(cfg))  # "another launcher" (this process) holds it
+    result = run_job(cfg, tmp_path / "run", multirun=True)
+    assert result["status"] == "skipped" and "another launcher is running" in result["reason"]
+    assert str(lock) in result["reason"] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_run_each_job_once(tmp_path):
+    args = ["method=stfpm", "seed=0,1"]
+    first = _sweep(tmp_path, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = _sweep(tmp_path, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = [p.communicate(timeout=600) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, [o[1][-2000:] for o in outs]
+    records = _records(tmp_path / "out")
+    assert sorted(r["seed"] for r in records) == [0, 1]  # each job ran to completion once
+    summaries = [
+        json.loads(p.read_text())
+        for p in sorted((tmp_path / "out" / "multirun").glob(f"*/{SUMMARY_NAME}"))
+    ]
+    ran = sum(len(s["done"]) for s in summaries)
+    elsewhere = sum("another launcher" in line for s in summaries for line in s["skipped"])
+    done_before = sum(len(s["exists"]) for s in summaries)
+    assert ran == 2 and ran + elsewhere + done_before == 4
+    assert not list((tmp_path / "out" / "index").glob("*.lock"))  # every lock given back

@@ -6,8 +6,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import socket
 import subprocess
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +219,70 @@ def find_unfinished_run(output_root: str | Path, key: str) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return run_dir if is_unfinished(run_dir) else None
+
+
+# -- one launcher per job ---------------------------------------------------------------------
+def _lock_path(output_root: str | Path, key: str) -> Path:
+    return Path(output_root) / INDEX_DIR / f"{key}.lock"
+
+
+def _holder_alive(holder: Mapping[str, Any]) -> bool:
+    """Whether the process that holds a lock still runs (one on another host counts as alive:
+    it cannot be asked)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def lock_holder(output_root: str | Path, key: str) -> dict[str, Any] | None:
+    """Who holds the job's lock (pid, host, since), or None."""
+    try:
+        holder = json.loads(_lock_path(output_root, key).read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def claim_run(output_root: str | Path, key: str) -> Path | None:
+    """Claim the job with config hash ``key`` for this process, so that two launchers started
+    on one output root run it once: an exclusive lock file in the index (created with
+    ``O_EXCL``, atomic on local and NFS v3+ filesystems). Returns the lock's path, or None when
+    a live process holds it; the lock of a process that no longer runs on this host is taken
+    over (its attempt resumes from its checkpoints)."""
+    path = _lock_path(output_root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(output_root, key)
+            if holder is None:  # its taker is writing it (held), or it went away just now
+                if path.exists():
+                    return None
+                continue
+            if _holder_alive(holder):
+                return None
+            stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
+            try:  # one taker wins the rename; the others see the new lock on their next try
+                os.rename(path, stale)
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as handle:
+            since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": since}, handle)
+        return path
+    return None
+
+
+def release_claim(lock: Path | None) -> None:
+    """Give a claimed job's lock back (the job finished, failed or was skipped)."""
+    if lock is not None:
+        lock.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,12 +28,15 @@ from stad.errors import IncompatibleError, StadError
 from stad.results import (
     FAILED_NAME,
     RECORD_NAME,
+    claim_run,
     config_hash,
     find_previous_run,
     find_unfinished_run,
+    lock_holder,
     read_record,
     register_run,
     register_started,
+    release_claim,
     write_json_atomic,
 )
 
@@ -55,17 +59,51 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any] | 
         IncompatibleError: outside a sweep, the combination cannot work.
         StadError: any other user-caused problem (the sweeper counts the job as failed).
     """
-    from stad.run import run  # heavy imports only for jobs that really run
+    key = config_hash(cfg)
+    lock = None
+    if multirun and _is_first_process():
+        # Claimed before the look for a finished run: a launcher that finished it just now
+        # released the lock after registering the run, so this one then finds it.
+        lock = claim_run(cfg.output_root, key)
+        if lock is None:
+            return _running_elsewhere(cfg, key)
+    try:
+        if multirun and not cfg.get("force", False):
+            previous = find_previous_run(cfg.output_root, key)
+            if previous is not None:
+                log.info("already done: %s (config %s); +force=true reruns it", previous, key[:12])
+                if cfg.get("objective"):
+                    return objective_value(read_record(previous / RECORD_NAME), str(cfg.objective))
+                return {"status": "exists", "run_dir": str(previous), "config_hash": key}
+        return _run_claimed(cfg, key, run_dir, multirun)
+    finally:
+        release_claim(lock)
+
+
+def _is_first_process() -> bool:
+    # Under DDP every rank runs the job; rank 0 claims it for all of them.
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def _running_elsewhere(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """A job another launcher is running now (its lock is held): skipped here, said so."""
+    holder = lock_holder(cfg.output_root, key) or {}
+    pid, host, since = (holder.get(k, "?") for k in ("pid", "host", "since"))
+    where = f"pid {pid} on {host} since {since}"
+    reason = (
+        f"another launcher is running this job ({where}); skipped here. A lock left by a "
+        f"machine that is gone: remove {Path(cfg.output_root) / 'index' / (key + '.lock')}"
+    )
+    log.warning("skipped: %s", reason)
+    return {"status": "skipped", "reason": reason, "config_hash": key}
+
+
+def _run_claimed(
+    cfg: DictConfig, key: str, run_dir: Path, multirun: bool
+) -> dict[str, Any] | float:
+    from stad.run import run
     from stad.unified import is_unified, run_unified
 
-    key = config_hash(cfg)
-    if multirun and not cfg.get("force", False):
-        previous = find_previous_run(cfg.output_root, key)
-        if previous is not None:
-            log.info("already done: %s (config %s); +force=true reruns it", previous, key[:12])
-            if cfg.get("objective"):
-                return objective_value(read_record(previous / RECORD_NAME), str(cfg.objective))
-            return {"status": "exists", "run_dir": str(previous), "config_hash": key}
     if multirun:
         run_dir = _resume_unfinished(cfg, key, run_dir)
         register_started(cfg.output_root, key, run_dir)

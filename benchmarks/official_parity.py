@@ -6,6 +6,7 @@
     python benchmarks/official_parity.py --method aand --official /path/to/AAND   # parity_aand.py
     python benchmarks/official_parity.py --method efficientad --official /path/to/EfficientAD
     python benchmarks/official_parity.py --method rdpp --official /path/to/RD++   # parity_rdpp.py
+    python benchmarks/official_parity.py --method destseg --official /path/to/ml-destseg
 
 ``--official`` is a checkout of the method's official repository (RD4AD: github hq-deng/RD4AD;
 STFPM: github gdwang08/STFPM), given by path: stad never downloads it and installs nothing.
@@ -570,9 +571,18 @@ PARITY = {
     "aand": _elsewhere("parity_aand", "aand_parity"),
     "efficientad": _elsewhere("parity_efficientad", "efficientad_parity"),
     "rdpp": _elsewhere("parity_rdpp", "rdpp_parity"),
+    "destseg": _elsewhere("parity_destseg", "destseg_parity"),
 }
-# The presets' resolutions: RD/STFPM/AAND/EfficientAD 256 px, AST 768 px (its MVTec AD setting).
-SIZES = {"rd": 256, "stfpm": 256, "ast": 768, "aand": 256, "efficientad": 256, "rdpp": 256}
+# The presets' resolutions: AST 768 px (its MVTec AD setting), every other 256 px.
+SIZES = {
+    "rd": 256,
+    "stfpm": 256,
+    "ast": 768,
+    "aand": 256,
+    "efficientad": 256,
+    "rdpp": 256,
+    "destseg": 256,
+}
 
 
 def _finite(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

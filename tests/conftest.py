@@ -123,6 +123,8 @@ TINY_METHODS: dict[str, list[str]] = {
     "us": ["method=us", *SMALL_US, "method.students.count=2"],
     # 64 px: rectangles of simplex noise from 3 px (the paper's 10 px need 88-px images).
     "rdpp": ["method=rdpp", "method.noise.min_side=3"],
+    # A narrow segmentation network (its ASPP head is 5 M parameters at the official 256).
+    "destseg": ["method=destseg", "method.segmentation.width=32"],
     # 256 px: the autoencoder's encoder needs it; a thin PDN and a tiny teacher pretraining.
     "efficientad": [
         "method=efficientad",

@@ -576,6 +576,7 @@ class AnomalySynthesizer:
         min_pixels: int = 4,
         retries: int = 10,
         seed: int = 0,
+        salt: int = 0,
     ) -> None:
         """Set the texture source, the foreground rule and the random ranges.
 
@@ -591,6 +592,9 @@ class AnomalySynthesizer:
             min_pixels: a blob of at most this many pixels is redrawn ...
             retries: ... up to this many times.
             seed: seed of the synthesizer's CPU generator.
+            salt: mixed into the per-epoch restart (:meth:`set_epoch`) when non-zero, so two
+                streams of one run (e.g. two stages of one method) draw different anomalies
+                from the same (seed, epoch); 0 keeps the draws of (seed, epoch) alone.
         """
         if not 0 <= augmentations <= len(AUGMENTATIONS):
             raise StadError(f"augmentations={augmentations} must be in 0..{len(AUGMENTATIONS)}")
@@ -605,14 +609,15 @@ class AnomalySynthesizer:
         self.min_pixels = min_pixels
         self.retries = retries
         self.seed = seed
+        self.salt = int(salt)
         self.generator = torch.Generator().manual_seed(seed)
 
     def set_epoch(self, epoch: int) -> None:
-        """Restart the random stream at a point that depends on the seed and the epoch alone,
-        so a training resumed at an epoch draws what an uninterrupted one draws there."""
-        self.generator.manual_seed(
-            int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-        )
+        """Restart the random stream at a point that depends on the seed and the epoch alone
+        (and the salt, when set), so a training resumed at an epoch draws what an uninterrupted
+        one draws there."""
+        entropy = [self.seed, epoch] + ([self.salt] if self.salt else [])
+        self.generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     @torch.no_grad()
     def __call__(self, images: Tensor, foreground: Tensor | None = None) -> Synthesis:
@@ -657,6 +662,7 @@ class AnomalySynthesizer:
             "clean_probability": self.clean_probability,
             "perlin_scales": f"2^0..2^{self.max_scale_exponent}",
             "threshold": self.threshold,
+            **({"salt": self.salt} if self.salt else {}),
         }
 
 

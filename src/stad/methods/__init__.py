@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from stad.backbones import loading_checkpoint
 from stad.core import Method, PretrainData
 from stad.errors import lookup
-from stad.methods import aand, ast, dskd, efficientad, rd, rdpp, stfpm, us
+from stad.methods import aand, ast, destseg, dskd, efficientad, rd, rdpp, stfpm, us
 
 METHODS: dict[str, ModuleType] = {
     "stfpm": stfpm,
@@ -28,6 +28,7 @@ METHODS: dict[str, ModuleType] = {
     "aand": aand,
     "efficientad": efficientad,
     "rdpp": rdpp,
+    "destseg": destseg,
 }
 
 

@@ -114,3 +114,28 @@ def run_and_write(
     print(f"{rows[0]['device']}; torch {torch.__version__}; anomalib {anomalib_version()}")
     print_table(rows, columns)
     write_csv(args.csv, rows)
+
+
+def random_method(overrides: Sequence[str], prepare: Callable[[Any, Path], None] | None = None):
+    """A method built from ``python -m stad`` overrides at random weights, nothing downloaded:
+    EfficientAD's teacher from a random PDN state-dict file instead of its pretraining step;
+    ``prepare(cfg, tmp)`` may change the config first. Returns (method, cfg)."""
+    import tempfile
+
+    from hydra import compose, initialize_config_module
+
+    from stad.methods import build_method
+
+    with initialize_config_module("stad.conf", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.method.name == "efficientad":
+            from stad.methods.efficientad import pdn
+
+            path = Path(tmp) / "teacher.pth"
+            torch.save(pdn(str(cfg.method.size), int(cfg.method.channels)).state_dict(), path)
+            cfg.method.teacher.weights = str(path)
+        if prepare is not None:
+            prepare(cfg, Path(tmp))
+        method = build_method(cfg.method, cfg.backbone)
+    return method, cfg

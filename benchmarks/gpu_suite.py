@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +36,9 @@ from typing import Any
 
 import _common  # benchmarks/_common.py: the script's folder is on sys.path
 import torch
-from hydra import compose, initialize_config_module
 
 from stad.core import Calibration, StageModule, optimizer_groups
-from stad.methods import METHODS, build_method
+from stad.methods import METHODS
 from stad.timing import measure_inference
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
@@ -65,18 +63,12 @@ def build(name: str, extra: list[str], size: int | None, device: torch.device) -
         overrides.append("method.teacher.steps=2")
     if size:
         overrides.append(f"image_size={size}")
-    with initialize_config_module("stad.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        if name == "efficientad":  # a random teacher file instead of the pretraining step
-            from stad.methods.efficientad import pdn
 
-            path = Path(tmp) / "teacher.pth"
-            torch.save(pdn(str(cfg.method.size), int(cfg.method.channels)).state_dict(), path)
-            cfg.method.teacher.weights = str(path)
+    def us_cache(cfg: Any, tmp: Path) -> None:
         if name == "us":
-            cfg.method.teacher.cache_dir = tmp  # two-step teachers, not the user's cache
-        method = build_method(cfg.method, cfg.backbone)
+            cfg.method.teacher.cache_dir = str(tmp)  # two-step teachers, not the user's cache
+
+    method, cfg = _common.random_method(overrides, us_cache)
     return method.to(device), cfg
 
 

@@ -17,17 +17,15 @@ method that cannot be built here gets its error in the CSV instead.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import _common  # benchmarks/_common.py: the script's folder is on sys.path
 import torch
 import training_speed
-from hydra import compose, initialize_config_module
 
 from stad.core import Method
-from stad.methods import METHODS, build_method
+from stad.methods import METHODS
 from stad.timing import measure_inference
 
 COLUMNS = ["method", "side", "backbone", "image_size", "ms_per_image_batch1",
@@ -63,16 +61,7 @@ def _stad_method(
     overrides = [f"method={name}", "dataset=mvtec", "backbone.weights=random", *extra]
     if backbone:
         overrides.insert(1, f"backbone={backbone}")
-    with initialize_config_module("stad.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        if name == "efficientad":  # a random teacher file instead of the pretraining step
-            from stad.methods.efficientad import pdn
-
-            path = Path(tmp) / "teacher.pth"
-            torch.save(pdn(str(cfg.method.size), int(cfg.method.channels)).state_dict(), path)
-            cfg.method.teacher.weights = str(path)
-        method = build_method(cfg.method, cfg.backbone)
+    method, cfg = _common.random_method(overrides)
     return method.to(device), str(cfg.backbone.name)
 
 

@@ -16,20 +16,21 @@ from stad.results import config_hash
 from stad.unified import SUMMARY_NAME, check_unified_method, unified_categories
 
 
+def _base(data_cache) -> list[str]:
+    """Tiny STFPM runs on the generated data (random ResNet-18, a few steps, 64 px)."""
+    return [
+        f"dataset.root={data_cache}/synthetic",
+        f"decode_cache={data_cache}/decoded",
+        "trainer=smoke",
+        *TINY_DATA,
+        "image_size=64",
+        "backbone=resnet18",
+        "backbone.weights=random",
+    ]
+
+
 def _unified(data_cache, *extra):
-    return compose_config(
-        [
-            f"dataset.root={data_cache}/synthetic",
-            f"decode_cache={data_cache}/decoded",
-            "trainer=smoke",
-            *TINY_DATA,
-            "image_size=64",
-            "backbone=resnet18",
-            "backbone.weights=random",
-            "setting=unified",
-            *extra,
-        ]
-    )
+    return compose_config([*_base(data_cache), "setting=unified", *extra])
 
 
 def test_setting_unified_composes_with_the_dataset_categories():
@@ -96,17 +97,7 @@ def test_one_model_trains_on_every_category_and_each_is_tested_apart(data_cache,
         values = [on_disk["per_category"][c][name] for c in ("object", "texture")]
         assert math.isclose(mean, sum(values) / 2)
     # the leaderboard keeps the settings apart: a column, never averaged together
-    single = compose_config(
-        [
-            f"dataset.root={data_cache}/synthetic",
-            f"decode_cache={data_cache}/decoded",
-            "trainer=smoke",
-            *TINY_DATA,
-            "image_size=64",
-            "backbone=resnet18",
-            "backbone.weights=random",
-        ]
-    )
+    single = compose_config(_base(data_cache))
     _run(single, tmp_path / "s")
     board = collect([tmp_path])
     rows = {(r.category, r.setting): r for r in board.rows}
@@ -118,15 +109,7 @@ def test_one_model_trains_on_every_category_and_each_is_tested_apart(data_cache,
 
 
 def test_a_unified_run_of_one_category_equals_the_single_run(data_cache, tmp_path):
-    base = [
-        f"dataset.root={data_cache}/synthetic",
-        f"decode_cache={data_cache}/decoded",
-        "trainer=smoke",
-        *TINY_DATA,
-        "image_size=64",
-        "backbone=resnet18",
-        "backbone.weights=random",
-    ]
+    base = _base(data_cache)
     single = _run(compose_config(base), tmp_path / "s")
     unified = _run(
         compose_config([*base, "setting=unified", "setting.categories=[object]"]), tmp_path / "u"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -463,3 +464,101 @@ def test_latex_tables_print_categories_by_methods_in_percent_best_in_bold(tmp_pa
     mean = next(line for line in lines if line.startswith("Mean"))
     assert mean == "Mean & \\textbf{97.0} & 98.5 & 95.0 & 95.5 \\\\"  # paper: RD 98.5, STFPM 95.5
     assert lines[lines.index(mean) - 1] == "\\midrule"
+
+
+# A minimal DOM for the page's sorting script: tables of rows of cells, as Chromium gives them.
+_FAKE_DOM = """
+const cell = ([v, t]) => ({dataset: v === null ? {} : {v}, textContent: t});
+const mk = (cells) => ({cells: cells.map(cell)});
+const rows = ROWS.map(mk);
+const body = {get rows() { return rows.slice(); },
+  appendChild(r) { rows.splice(rows.indexOf(r), 1); rows.push(r); }};
+const table = {tBodies: [body]};
+const listeners = [];
+const ths = HEADS.map((h, i) => ({textContent: h, cellIndex: i, dataset: {},
+  closest: () => table, addEventListener: (_, f) => listeners.push(f)}));
+globalThis.document = {querySelectorAll: () => ths};
+globalThis.location = {hash: HASH};
+SCRIPT
+const order = () => rows.map(r => r.cells[0].textContent).join(',');
+const out = [order()];
+listeners[1](); out.push(order());
+listeners[1](); out.push(order());
+console.log(out.join(' | '));
+"""
+
+
+def test_the_pages_script_sorts_numbers_numerically_both_ways_and_on_a_sort_link(tmp_path):
+    import re
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node on PATH to run the page's script")
+    _write(tmp_path, "a", _record())
+    page = tmp_path / "board.html"
+    assert main([f"runs={tmp_path}", "format=html", f"out={page}"]) == 0
+    (script,) = re.findall(r"<script>(.*?)</script>", page.read_text(), flags=re.S)
+    rows = [[[None, "b"], ["10", "10.0"]], [[None, "a"], ["9", "9.0"]], [[None, "c"], ["", ""]]]
+
+    def order(hash_: str) -> str:
+        program = (
+            _FAKE_DOM.replace("ROWS", json.dumps(rows))
+            .replace("HEADS", json.dumps(["name", "image_auroc"]))
+            .replace("HASH", json.dumps(hash_))
+            .replace("SCRIPT", script)
+        )
+        (tmp_path / "sort.js").write_text(program)
+        out = subprocess.run([node, str(tmp_path / "sort.js")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    # as written | one click: ascending (9 before 10: numbers, not text), empty last | descending
+    assert order("") == "b,a,c | a,b,c | b,a,c"
+    # #sort=image_auroc sorts on load (then the clicks go on from there)
+    assert order("#sort=image_auroc").split(" | ")[0] == "a,b,c"
+
+
+@pytest.mark.slow
+def test_a_headless_browser_opens_the_page_sorted_with_working_report_links(tmp_path):
+    import shutil
+    from html.parser import HTMLParser
+
+    browsers = ("chromium", "chromium-browser", "google-chrome", "headless_shell")
+    browser = next((b for b in map(shutil.which, browsers) if b), None)
+    if browser is None:
+        pytest.skip(f"no headless browser on PATH (looked for {', '.join(browsers)})")
+    for category, value in (("bottle", 0.7), ("cable", 0.9), ("zipper", 0.85)):
+        record = _record(category=category, metrics=(value, 0.95, 0.8))
+        record["report"] = "report.html"
+        _write(tmp_path / "runs", category, record)
+        (tmp_path / "runs" / category / "report.html").write_text("<html></html>")
+    page = tmp_path / "board.html"
+    assert main([f"runs={tmp_path / 'runs'}", "format=html", f"out={page}"]) == 0
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+               page.as_uri() + "#sort=image_auroc"]  # fmt: skip
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env).stdout
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[list[str]] = []
+            self.links: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            if tag == "a":
+                self.links.append(dict(attrs)["href"])
+
+        def handle_data(self, data):
+            if self.rows and data.strip():
+                self.rows[-1].append(data.strip())
+
+    parsed = Rows()
+    parsed.feed(dom)
+    categories = [r[1] for r in parsed.rows[1:]]
+    assert categories == ["bottle", "mean", "zipper", "cable"]  # by image AUROC, ascending
+    assert all((page.parent / link).is_file() for link in parsed.links) and len(parsed.links) == 3

@@ -27,17 +27,23 @@ td.std, span.std { color: #888; font-size: 90%; }
 td.better { color: #1a7f37; } td.worse { color: #c62828; }
 .note { color: #666; }
 """
-# Click a header to sort by it (numbers numerically, empty cells last); no external script.
+# Click a header to sort by it (numbers numerically, empty cells last; again: the other way);
+# no external script.
 _SORT = """
-document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
-  const body = th.closest('table').tBodies[0];
+function sortBy(th) {
+  const col = th.cellIndex, body = th.closest('table').tBodies[0];
   const dir = th.dataset.dir === 'asc' ? -1 : 1; th.dataset.dir = dir === 1 ? 'asc' : 'desc';
-  const key = r => { const t = r.cells[col].dataset.v ?? r.cells[col].textContent;
+  const key = r => { const c = r.cells[col], t = c.dataset.v ?? c.textContent;
     const n = parseFloat(t); return isNaN(n) ? t : n; };
   [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
     if (x === '' || y === '') return (x === '') - (y === '');
     return (x > y ? 1 : x < y ? -1 : 0) * dir; }).forEach(r => body.appendChild(r));
-}));
+}
+document.querySelectorAll('th').forEach(th => th.addEventListener('click', () => sortBy(th)));
+// board.html#sort=<column>: every table sorted by it on load (links, tests)
+const wanted = decodeURIComponent(location.hash.replace(/^#sort=/, ''));
+if (location.hash.startsWith('#sort=')) document.querySelectorAll('th').forEach(th => {
+  if (th.textContent === wanted) sortBy(th); });
 """
 
 

@@ -562,3 +562,28 @@ def test_a_headless_browser_opens_the_page_sorted_with_working_report_links(tmp_
     categories = [r[1] for r in parsed.rows[1:]]
     assert categories == ["bottle", "mean", "zipper", "cable"]  # by image AUROC, ascending
     assert all((page.parent / link).is_file() for link in parsed.links) and len(parsed.links) == 3
+
+
+@pytest.mark.slow
+def test_the_latex_tables_compile_with_the_documented_preamble(tmp_path):
+    import shutil
+
+    pdflatex = shutil.which("pdflatex")
+    if pdflatex is None:
+        pytest.skip("no pdflatex on PATH")
+    _write(tmp_path, "a", _record(category="metal_nut"))
+    out = tmp_path / "board.tex"
+    assert main([f"runs={tmp_path}", "format=tex", f"out={out}", "paper=true"]) == 0
+    document = tmp_path / "doc.tex"
+    document.write_text(
+        "\\documentclass{article}\\usepackage{booktabs}\\begin{document}"
+        "\\input{board_mvtec_image_auroc}\\end{document}\n"
+    )
+    done = subprocess.run(
+        [pdflatex, "-interaction=nonstopmode", "-halt-on-error", document.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and (tmp_path / "doc.pdf").is_file(), done.stdout[-2000:]

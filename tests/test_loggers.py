@@ -101,3 +101,13 @@ def test_tensorboard_and_mlflow_hold_the_curves_metrics_thresholds_and_config(da
     params = mlflow_run.data.params
     assert params["method.name"] == "stfpm" and params["seed"] == "0"
     assert json.loads((tmp_path / "r" / "record.json").read_text())["method"] == "stfpm"
+
+
+@pytest.mark.slow
+def test_wandb_writes_its_offline_run_where_the_package_is_installed(data_cache, tmp_path):
+    pytest.importorskip("wandb")
+    from stad.run import run
+
+    run(_tiny(data_cache, tmp_path, "[wandb]"), tmp_path / "r")
+    (offline,) = (tmp_path / "r" / "wandb").glob("offline-run-*")
+    assert any(offline.glob("*.wandb"))  # the run's data, for `wandb sync`

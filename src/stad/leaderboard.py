@@ -25,9 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stad import leaderboard_pages
 from stad.cli import Option, optional_path, parse_bool, parse_choice, parse_options, usage
 from stad.errors import StadError
 from stad.fileio import write_atomic
+from stad.leaderboard_pages import KEYS, row_value
 from stad.results import (
     FAILED_NAME,
     RECORD_KEYS,
@@ -493,7 +495,7 @@ def add_paper(rows: Sequence[Row], metrics: Sequence[str], papers: Sequence[dict
 
 
 # -- writing ----------------------------------------------------------------------------------
-KEY_COLUMNS = ("dataset", "category", "method", "backbone", "setting", "params", "revision")
+KEY_COLUMNS = KEYS
 
 
 def columns(rows: Sequence[Row], metrics: Sequence[str], paper: bool) -> list[str]:
@@ -512,7 +514,7 @@ def columns(rows: Sequence[Row], metrics: Sequence[str], paper: bool) -> list[st
 
 
 def _cell(row: Row, col: str) -> Any:
-    value = getattr(row, col) if col in KEY_COLUMNS else row.values.get(col, "")
+    value = row_value(row, col)
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.10g}"
     return value
@@ -535,7 +537,7 @@ def to_markdown(rows: Sequence[Row], cols: Sequence[str], metrics: Sequence[str]
     for row in rows:
         cells = []
         for col in shown:
-            value = row.values.get(col, "") if col not in KEY_COLUMNS else getattr(row, col)
+            value = row_value(row, col)
             if col in metrics and value != "":
                 std = row.values.get(f"{col}_std", "")
                 text = f"{value:.4f}" + (f" ± {std:.4f}" if std != "" else "")
@@ -748,8 +750,6 @@ def collect(
 def render(board: Board, paper: bool = False, fmt: str = "csv", base: Path | None = None) -> str:
     """The board as CSV, Markdown, HTML (links relative to ``base``, the page's folder) or
     LaTeX text."""
-    from stad import leaderboard_pages
-
     if fmt == "html":
         return leaderboard_pages.to_html(board.rows, board.metrics, board.failures, base, paper)
     if fmt == "tex":
@@ -860,17 +860,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts["runs"], opts["paper"], opts["keep_latest"], opts["skip_invalid"], opts["by"]
         )
         base = opts["out"].parent if opts["out"] is not None else None
-        text = render(board, opts["paper"], opts["format"], base)
+        # LaTeX into a file: one file per dataset and metric, as papers print them
+        split_tex = opts["format"] == "tex" and opts["out"] is not None
+        text = "" if split_tex else render(board, opts["paper"], opts["format"], base)
     except StadError as err:
         print(f"stad-leaderboard: error: {err}", file=sys.stderr)
         return 2
     out = opts["out"]
     if out is None:
         sys.stdout.write(text)
-    elif opts["format"] == "tex":  # one file per dataset and metric, as papers print them
-        from stad.leaderboard_pages import latex_tables
-
-        for name, table in latex_tables(board.rows, board.metrics, opts["paper"]).items():
+    elif split_tex:
+        tables = leaderboard_pages.latex_tables(board.rows, board.metrics, opts["paper"])
+        for name, table in tables.items():
             path = out.with_name(f"{out.stem}_{name}{out.suffix or '.tex'}")
             write_atomic(path, table)
             print(f"stad-leaderboard: wrote {path}", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from stad.leaderboard import Failure, Row
 
+# The columns that name a row (Row attributes); every other column is one of its values.
 KEYS = ("dataset", "category", "method", "backbone", "setting", "params", "revision")
 TIMES = ("n_seeds", "train_seconds", "inference_ms_per_image")
 
@@ -47,7 +48,8 @@ if (location.hash.startsWith('#sort=')) document.querySelectorAll('th').forEach(
 """
 
 
-def _value(row: Row, col: str) -> Any:
+def row_value(row: Row, col: str) -> Any:
+    """A row's entry in a column: a key attribute, else its value ("" when it has none)."""
     return getattr(row, col) if col in KEYS else row.values.get(col, "")
 
 
@@ -134,7 +136,7 @@ _TEXT = ("paper_source", "comparable")
 def _row_html(row: Row, cols: Sequence[str], metrics: Sequence[str], base: Path | None) -> str:
     cells = []
     for col in cols:
-        value = _value(row, col)
+        value = row_value(row, col)
         if col in metrics and value != "":
             std = row.values.get(f"{col}_std", "")
             shown = _number(value) + (f' <span class="std">± {std:.4f}</span>' if std != "" else "")
